@@ -1,0 +1,245 @@
+"""``bobench`` command line: noun-verb commands over the library.
+
+Every command is a thin wrapper over a library call; heavy imports (torch, timm) happen inside the
+commands that need them, so ``bobench backbones list`` stays fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="bobench",
+    help="Battle of the Backbones: benchmark any pretrained vision backbone.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+backbones_app = typer.Typer(help="List and inspect backbones.", no_args_is_help=True)
+datasets_app = typer.Typer(help="List datasets.", no_args_is_help=True)
+features_app = typer.Typer(help="Extract and cache frozen features.", no_args_is_help=True)
+results_app = typer.Typer(help="Inspect and export stored results.", no_args_is_help=True)
+app.add_typer(backbones_app, name="backbones")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(features_app, name="features")
+app.add_typer(results_app, name="results")
+
+
+def default_db() -> Path:
+    """``$BOBENCH_DB``, else ``bobench-results/results.db`` in the working directory."""
+    return Path(os.environ.get("BOBENCH_DB", "bobench-results/results.db"))
+
+
+def _echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        table.add_row(*(str(r.get(c, "")) for c in columns))
+    # pipes and CI logs get a wide table instead of rich's 80-column default with truncated names
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+# -- backbones ---------------------------------------------------------------------------------------
+@backbones_app.command("list")
+def backbones_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    family: Annotated[str | None, typer.Option(help="Only this family: cnn, vit, hybrid, other.")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="Only this pretraining method (e.g. supervised).")
+    ] = None,
+) -> None:
+    """List named backbones (the zoo and plugins). Any timm:/torchvision:/hf:/open_clip: spec works too."""
+    from bobench.backbones import list_backbones
+
+    rows = [
+        r
+        for r in list_backbones()
+        if (family is None or r.get("family") == family)
+        and (method is None or r.get("pretraining") == method)
+    ]
+    if as_json:
+        _echo_json(rows)
+    else:
+        _table(rows, ["name", "spec", "family", "pretraining", "pretraining_data", "license"], "backbones")
+
+
+@backbones_app.command("show")
+def backbones_show(
+    name: Annotated[str, typer.Argument(help="Zoo name or spec, e.g. mobilenetv2_100.tv_in1k.")],
+    pretrained: Annotated[bool, typer.Option(help="Load weights (--no-pretrained: random init).")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Build a backbone and print its card (parameters counted, weights digest, preprocessing)."""
+    from bobench.backbones import create_backbone
+
+    bb = create_backbone(name, pretrained=pretrained)
+    card = bb.card.to_dict()
+    card["feature_info"] = [
+        {"channels": f.channels, "stride": f.stride, "name": f.name} for f in bb.feature_info
+    ]
+    if as_json:
+        _echo_json(card)
+    else:
+        _table([{"field": k, "value": v} for k, v in card.items()], ["field", "value"], name)
+
+
+# -- datasets ----------------------------------------------------------------------------------------
+@datasets_app.command("list")
+def datasets_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the embedded datasets. Your own: imagefolder:PATH, csv:MANIFEST.csv or a YAML spec."""
+    from bobench.data import list_datasets
+
+    rows = list_datasets()
+    if as_json:
+        _echo_json(rows)
+    else:
+        _table(rows, list(rows[0]) if rows else ["name"], "datasets")
+        typer.echo("Also: imagefolder:/path/to/root, csv:/path/manifest.csv, or a dataset YAML file.")
+
+
+# -- features ----------------------------------------------------------------------------------------
+@features_app.command("extract")
+def features_extract(
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="Zoo name or spec.")],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset spec, e.g. patches13.")],
+    split: Annotated[list[str] | None, typer.Option(help="Split(s) to extract (default: all).")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local weights file (.safetensors / .pth).")] = None,
+    pretrained: Annotated[bool, typer.Option(help="--no-pretrained: random-init control.")] = True,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N] | mps")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16 (bf16 opt-in on CPU)")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward (halved on OOM).")] = 64,
+    image_size: Annotated[int | None, typer.Option(help="Override the card's input size.")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: spare cores).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache (default ~/.cache/bobench).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Extract pooled features of BACKBONE on DATASET into the content-addressed cache."""
+    import time
+
+    from bobench.backbones import create_backbone
+    from bobench.data import load_dataset
+    from bobench.features import ExtractOptions, FeatureStore
+
+    store = FeatureStore(cache_dir)
+    bb = create_backbone(backbone, pretrained=pretrained, weights=weights)
+    opts = ExtractOptions(
+        device=device, precision=precision, batch_size=batch_size, image_size=image_size, num_workers=workers
+    )
+    rows = []
+    for sp in split or ["train", "val", "test"]:
+        ds = load_dataset(dataset, split=sp)
+        t0 = time.perf_counter()
+        fs = store.get_or_extract(bb, ds, opts)
+        wall = time.perf_counter() - t0
+        rows.append(
+            {
+                "split": sp,
+                "n": fs.n,
+                "dim": fs.dim,
+                "cache_hit": fs.cache_hit,
+                "seconds": round(wall, 3),
+                "img_per_s": round(fs.stats["img_per_s"] or 0.0, 1),
+                "device": fs.stats["device"],
+                "precision": fs.stats["precision"],
+                "key": fs.key[:16],
+                "path": str(fs.path),
+            }
+        )
+    if as_json:
+        _echo_json(rows)
+    else:
+        _table(
+            rows,
+            ["split", "n", "dim", "cache_hit", "seconds", "img_per_s", "device", "precision", "key"],
+            f"{bb.card.name} on {dataset}",
+        )
+
+
+# -- results -----------------------------------------------------------------------------------------
+@results_app.command("export")
+def results_export(
+    out: Annotated[Path, typer.Argument(help="Output file: .csv or .parquet")],
+    db: Annotated[Path, typer.Option(help="Results database.")] = default_db(),
+    fmt: Annotated[str | None, typer.Option("--format", help="csv | parquet (default: from suffix)")] = None,
+) -> None:
+    """Export every stored result in long format (one row per metric)."""
+    from bobench.store import ResultStore
+
+    if not db.exists():
+        raise FileNotFoundError(f"no results database at {db}; run a battle first or pass --db PATH")
+    with ResultStore(db, readonly=True) as store:
+        path = store.export(out, fmt)
+    typer.echo(f"wrote {path}")
+
+
+# -- demo --------------------------------------------------------------------------------------------
+@app.command("demo")
+def demo(
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache.")] = None,
+) -> None:
+    """Offline demo: list what ships, then extract the shipped backbones' features on patches13."""
+    backbones_list(as_json=False, family=None, method=None)
+    datasets_list(as_json=False)
+    for name in ("mobilenetv2_100.tv_in1k", "tf_efficientnet_lite0.in1k", "random/mobilenetv2_100"):
+        features_extract(
+            backbone=name,
+            dataset="patches13",
+            split=None,
+            weights=None,
+            pretrained=True,
+            device="auto",
+            precision="auto",
+            batch_size=64,
+            image_size=112,
+            workers=None,
+            cache_dir=cache_dir,
+            as_json=False,
+        )
+    typer.echo("The full battle (probes, leaderboard, report) arrives with the probes issue.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app and turn library errors into one clear line (exit code 2).
+
+    Set ``BOBENCH_DEBUG=1`` to see full tracebacks instead.
+    """
+    from click.exceptions import Exit
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except Exit as exc:
+        return exc.exit_code
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        if os.environ.get("BOBENCH_DEBUG"):
+            raise
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

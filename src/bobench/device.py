@@ -1,0 +1,67 @@
+"""Device and precision, chosen once at the edge and recorded with every feature set and result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a backbone runs.
+
+    Attributes:
+        device: a torch device (``cpu``, ``cuda:0``, ``mps``).
+        autocast: dtype for ``torch.autocast``, or None for plain fp32.
+        precision: the resolved name (``fp32``, ``fp16``, ``bf16``), recorded in keys and results.
+    """
+
+    device: torch.device
+    autocast: torch.dtype | None
+    precision: str
+
+    def autocast_context(self) -> torch.autocast:
+        """An autocast context, disabled for fp32."""
+        return torch.autocast(
+            device_type=self.device.type,
+            dtype=self.autocast or torch.float32,
+            enabled=self.autocast is not None,
+        )
+
+
+def resolve_placement(device: str = "auto", precision: str = "auto") -> Placement:
+    """Resolve ``--device auto|cpu|cuda[:N]|mps`` and ``--precision auto|fp32|fp16|bf16``.
+
+    ``auto`` device picks CUDA, then Apple MPS, then the CPU. ``auto`` precision is mixed precision on
+    accelerators (bf16 where the GPU supports it, else fp16) and fp32 on the CPU, where bf16 is opt-in
+    (fast on CPUs with AMX/AVX512-BF16, slow elsewhere, and it changes the numbers).
+
+    Raises:
+        ValueError: an unknown precision, or a CUDA device on a machine without one.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA GPU; use --device cpu or auto")
+    if precision == "auto":
+        if dev.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif dev.type == "mps":
+            precision = "fp16"
+        else:
+            precision = "fp32"
+    autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if dev.type == "cpu" and precision == "fp16":
+        raise ValueError("fp16 autocast is not supported on the CPU; use bf16 or fp32")
+    return Placement(dev, autocast, precision)

@@ -1,0 +1,367 @@
+"""Content-addressed feature cache: every frozen-feature task pays for one forward pass.
+
+Layout under ``root``::
+
+    <key>/manifest.json           # what produced the features, which shards are done, throughput
+    <key>/shard-00000.npy         # float32 [n_i, D] features of samples [i*S, (i+1)*S)
+    <key>/shard-00000.labels.npy  # int64 [n_i]
+    <key>.lock                    # held by the one process extracting this key
+
+The key is a sha256 over everything that changes the numbers: the backbone's weights digest (a hash
+of its parameters, so a random init's seed is in it too), its spec, the resolved preprocessing, the
+layer and pooling, the dataset manifest hash (files, labels, split), the precision and the device type.
+Change any of them and the key changes: a stale hit is impossible by construction.
+
+Every file is written to a temporary name and renamed, so a killed extraction leaves only whole
+shards; the next run resumes at the first missing shard. A file lock serialises writers of one key,
+so two processes extracting the same features never corrupt them: the second waits and then reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from filelock import FileLock
+
+from bobench.device import Placement, resolve_placement
+
+FORMAT_VERSION = 1  # bump when the on-disk layout or the meaning of a key component changes
+
+
+def default_cache_dir() -> Path:
+    """``$BOBENCH_CACHE/features``, else ``~/.cache/bobench/features``."""
+    base = os.environ.get("BOBENCH_CACHE") or Path.home() / ".cache" / "bobench"
+    return Path(base) / "features"
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How to run an extraction. Only ``image_size``, ``layer`` and the resolved device type and
+    precision enter the cache key; batch size, workers and shard size never change the numbers.
+
+    Attributes:
+        device: ``auto`` | ``cpu`` | ``cuda[:N]`` | ``mps``.
+        precision: ``auto`` (mixed precision on GPUs, fp32 on CPU) | ``fp32`` | ``fp16`` | ``bf16``.
+        batch_size: images per forward; halved automatically on out-of-memory.
+        num_workers: DataLoader workers (None: one per spare core, at most 8).
+        image_size: override the card's input size (e.g. 64 or 112 px in tests).
+        shard_size: samples per shard file (the unit of resumption).
+        channels_last: None lets the backbone decide (CNNs: yes).
+        progress: show a progress bar (only on a terminal).
+    """
+
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 64
+    num_workers: int | None = None
+    image_size: int | None = None
+    shard_size: int = 8192
+    channels_last: bool | None = None
+    progress: bool = True
+    layer: str = "embed"
+
+
+@dataclass
+class FeatureSet:
+    """Features of one (backbone, dataset split) on disk, read through memory maps.
+
+    Attributes:
+        key: the cache key. path: its folder. manifest: the manifest dict.
+        cache_hit: True when nothing had to be extracted in this call.
+    """
+
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+    cache_hit: bool = False
+    _labels: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def n(self) -> int:
+        return int(self.manifest["n"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["dataset"]["classes"])
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Throughput of the extraction that produced these features (img/s, wall time, device...)."""
+        return dict(self.manifest["stats"])
+
+    def iter_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(features [n_i, D] memory-mapped, labels [n_i])`` shard by shard, in sample order."""
+        for s in self.manifest["shards"]:
+            yield (
+                np.load(self.path / s["file"], mmap_mode="r"),
+                np.load(self.path / s["labels"]),
+            )
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            self._labels = np.concatenate([lab for _, lab in self.iter_shards()])
+        return self._labels
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """All features ``[N, D]`` float32 and labels ``[N]`` in RAM (for small and medium sets)."""
+        feats = (
+            np.concatenate([np.asarray(f) for f, _ in self.iter_shards()])
+            if self.n
+            else np.zeros((0, self.dim))
+        )
+        return feats.astype(np.float32, copy=False), self.labels
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kb / 2**20 if sys.platform == "darwin" else kb / 2**10
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class FeatureStore:
+    """The on-disk feature cache. See the module docstring for layout and guarantees.
+
+    Example:
+        >>> store = FeatureStore(tmp_path)
+        >>> fs = store.get_or_extract(backbone, dataset, ExtractOptions(image_size=64))
+        >>> X, y = fs.load()   # [N, D], [N]
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- keys -----------------------------------------------------------------------------------
+    @staticmethod
+    def key_fields(backbone: Any, dataset: Any, options: ExtractOptions, placement: Placement) -> dict:
+        """Everything that changes the features, as plain data; :meth:`key` hashes it."""
+        card = backbone.card
+        return {
+            "format": FORMAT_VERSION,
+            "weights_digest": card.weights_digest,
+            "spec": card.spec,
+            "preprocess": backbone.preprocess(train=False, image_size=options.image_size),
+            "layer": options.layer,
+            "pool": card.pool,
+            "dataset": dataset.manifest_hash,
+            "precision": placement.precision,
+            "device_type": placement.device.type,
+        }
+
+    def key(self, backbone: Any, dataset: Any, options: ExtractOptions | None = None) -> str:
+        """The cache key of ``backbone`` on ``dataset`` under ``options``."""
+        options = options or ExtractOptions()
+        placement = resolve_placement(options.device, options.precision)
+        return _sha(self.key_fields(backbone, dataset, options, placement))
+
+    def get(self, key: str) -> FeatureSet | None:
+        """A complete feature set for ``key``, or None."""
+        manifest = self._read_manifest(self.root / key)
+        if manifest is None or not manifest.get("complete"):
+            return None
+        return FeatureSet(key, self.root / key, manifest, cache_hit=True)
+
+    @staticmethod
+    def _read_manifest(path: Path) -> dict | None:
+        try:
+            return json.loads((path / "manifest.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    # -- extraction -----------------------------------------------------------------------------
+    def get_or_extract(
+        self, backbone: Any, dataset: Any, options: ExtractOptions | None = None
+    ) -> FeatureSet:
+        """Return cached features, extracting (or resuming) whatever is missing first.
+
+        Args:
+            backbone: a :class:`~bobench.backbones.base.Backbone`.
+            dataset: an :class:`~bobench.data.ImageDataset` (its transform is not modified).
+            options: see :class:`ExtractOptions`.
+        """
+        options = options or ExtractOptions()
+        placement = resolve_placement(options.device, options.precision)
+        fields = self.key_fields(backbone, dataset, options, placement)
+        key = _sha(fields)
+        hit = self.get(key)
+        if hit is not None:
+            return hit
+        with FileLock(str(self.root / f"{key}.lock")):
+            hit = self.get(key)  # another process may have finished it while we waited
+            if hit is not None:
+                return hit
+            return self._extract(key, fields, backbone, dataset, options, placement)
+
+    def _extract(self, key, fields, backbone, dataset, options, placement) -> FeatureSet:
+        folder = self.root / key
+        folder.mkdir(exist_ok=True)
+        n, size = len(dataset), options.shard_size
+        n_shards = max(1, -(-n // size))
+        manifest = self._read_manifest(folder) or {
+            "key": key,
+            "key_fields": fields,
+            "n": n,
+            "dim": backbone.card.embed_dim,
+            "shard_size": size,
+            "card": backbone.card.to_dict(),
+            "dataset": {
+                "spec": dataset.spec.to_dict() if hasattr(dataset.spec, "to_dict") else str(dataset.spec),
+                "split": dataset.split,
+                "classes": list(dataset.classes),
+                "manifest_hash": dataset.manifest_hash,
+            },
+            "shards": [],
+            "complete": False,
+        }
+        if manifest["shard_size"] != size:  # resume with the shard size the partial run used
+            size = manifest["shard_size"]
+            n_shards = max(1, -(-n // size))
+        done = {s["index"] for s in manifest["shards"] if (folder / s["file"]).is_file()}
+        manifest["shards"] = [s for s in manifest["shards"] if s["index"] in done]
+        todo = [i for i in range(n_shards) if i not in done]
+        ds = copy.copy(dataset)
+        ds.transform = backbone.transform(train=False, image_size=options.image_size)
+        indices = [j for i in todo for j in range(i * size, min((i + 1) * size, n))]
+        t0 = time.perf_counter()
+        for index, feats, labels in self._run(backbone, ds, indices, todo, size, n, options, placement):
+            name = f"shard-{index:05d}"
+            _atomic_save_npy(folder / f"{name}.npy", feats)
+            _atomic_save_npy(folder / f"{name}.labels.npy", labels)
+            manifest["shards"].append(
+                {"index": index, "file": f"{name}.npy", "labels": f"{name}.labels.npy", "n": len(labels)}
+            )
+            manifest["shards"].sort(key=lambda s: s["index"])
+            _atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+        wall = time.perf_counter() - t0
+        manifest["complete"] = True
+        manifest["stats"] = {
+            "wall_time_s": wall,
+            "n_extracted": len(indices),
+            "img_per_s": len(indices) / wall if wall > 0 else None,
+            "device": str(placement.device),
+            "precision": placement.precision,
+            "batch_size": options.batch_size,
+            "peak_mem_mb": _peak_mem_mb(placement.device),
+            "resumed_shards": len(done),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        _atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+        return FeatureSet(key, folder, manifest, cache_hit=not indices)
+
+    def _run(self, backbone, ds, indices, todo, size, n, options, placement):
+        """Yield ``(shard index, features, labels)`` for each shard in ``todo``, in order."""
+        from torch.utils.data import DataLoader, Subset
+
+        from bobench.progress import progress_bar
+
+        dim = backbone.card.embed_dim
+        model = backbone.to(placement.device).eval()
+        channels_last = (
+            backbone.prefers_channels_last if options.channels_last is None else options.channels_last
+        )
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        workers = options.num_workers
+        if workers is None:
+            workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+        loader = DataLoader(
+            Subset(ds, indices),
+            batch_size=options.batch_size,
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=placement.device.type == "cuda",
+            persistent_workers=False,
+        )
+        fwd_bs = options.batch_size
+        shard_iter = iter(todo)
+        current = next(shard_iter, None)
+        buf_f: list[np.ndarray] = []
+        buf_l: list[np.ndarray] = []
+        filled = 0
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            nonlocal fwd_bs
+            while True:
+                try:
+                    outs = []
+                    for chunk in x.split(fwd_bs):
+                        chunk = chunk.to(placement.device, non_blocking=True, memory_format=memory_format)
+                        with placement.autocast_context():
+                            outs.append(model.embed(chunk).float().cpu())
+                    return torch.cat(outs)
+                except (torch.OutOfMemoryError, RuntimeError) as exc:
+                    if not _is_oom(exc) or fwd_bs == 1:
+                        raise
+                    fwd_bs = max(1, fwd_bs // 2)  # back off and retry this batch
+                    if placement.device.type == "cuda":
+                        torch.cuda.empty_cache()
+
+        with (
+            torch.inference_mode(),
+            progress_bar(
+                f"extract {backbone.card.name}", total=len(indices), enabled=options.progress
+            ) as bar,
+        ):
+            for x, y in loader:
+                emb = forward(x)
+                if emb.shape[-1] != dim:
+                    raise RuntimeError(
+                        f"{backbone.card.name}.embed returned dim {emb.shape[-1]}, card says {dim}"
+                    )
+                bar.advance(len(y))
+                f_np, l_np = emb.numpy(), y.numpy().astype(np.int64)
+                while len(l_np):
+                    need = min((current + 1) * size, n) - current * size - filled
+                    take = min(need, len(l_np))
+                    buf_f.append(f_np[:take])
+                    buf_l.append(l_np[:take])
+                    filled += take
+                    f_np, l_np = f_np[take:], l_np[take:]
+                    if take == need:
+                        yield current, np.concatenate(buf_f), np.concatenate(buf_l)
+                        buf_f, buf_l, filled = [], [], 0
+                        current = next(shard_iter, None)
+        if n == 0 and current is not None:
+            yield current, np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
