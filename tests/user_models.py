@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+import torch
+
 from torch import nn
 
 
@@ -43,3 +45,20 @@ def make_declared(pretrained: bool = False) -> nn.Module:
 
 def make_not_a_module():
     return "not a module"
+
+
+class OOMNet(TinyNet):
+    """Raises the out-of-memory error a GPU would when a forward batch exceeds ``limit`` images."""
+
+    limit = 4
+
+    def forward(self, x):
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory: batch {x.shape[0]} > {self.limit}")
+        return super().forward(x)
+
+
+def make_oom() -> nn.Module:
+    net = OOMNet()
+    net.pretrained_cfg = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    return net

@@ -1,0 +1,41 @@
+"""Datasets: a :class:`DatasetSpec` (string, dict or YAML) -> a torch ``Dataset`` with class names, a
+split and a manifest hash.
+
+``import bobench.data`` and :func:`list_datasets` do not import torch; :class:`ImageDataset` (and torch)
+are imported on first use.
+
+Example:
+    >>> from bobench.data import load_dataset
+    >>> ds = load_dataset("imagefolder:/data/pets?val_fraction=0.2&seed=1", split="val")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from bobench.data.errors import DatasetError
+from bobench.data.loading import list_datasets, load_dataset
+from bobench.data.manifest import IMAGE_EXTENSIONS
+from bobench.data.spec import DatasetSpec
+from bobench.data.splits import SPLITS
+
+if TYPE_CHECKING:
+    from bobench.data.dataset import ImageDataset
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SPLITS",
+    "DatasetError",
+    "DatasetSpec",
+    "ImageDataset",
+    "list_datasets",
+    "load_dataset",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ImageDataset":  # lazily, because it imports torch
+        from bobench.data.dataset import ImageDataset
+
+        return ImageDataset
+    raise AttributeError(f"module 'bobench.data' has no attribute {name!r}")

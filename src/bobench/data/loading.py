@@ -1,0 +1,136 @@
+"""``load_dataset`` (the front door) and ``list_datasets``; torch is imported only by ``load_dataset``."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bobench.data.embedded import CATALOG, build_embedded
+from bobench.data.errors import DatasetError, did_you_mean
+from bobench.data.manifest import FileItems, ManifestHasher
+from bobench.data.spec import DatasetSpec
+from bobench.data.splits import SPLITS
+
+if TYPE_CHECKING:
+    from bobench.data.dataset import ImageDataset
+
+
+def list_datasets() -> list[dict[str, Any]]:
+    """Describe the embedded datasets without building them (and without importing torch).
+
+    Returns:
+        One dict per dataset: ``name``, ``description``, ``n_classes``, ``split_sizes`` (train/val/test
+        counts), ``image_size`` (side in px), ``source`` and ``license``.
+    """
+    return [info.to_dict() for info in CATALOG.values()]
+
+
+def load_dataset(
+    spec: str | Mapping[str, Any] | DatasetSpec | os.PathLike[str],
+    split: str = "train",
+    transform: Callable[[Any], Any] | None = None,
+) -> ImageDataset:
+    """Load one split of a dataset; the one front door for every reader.
+
+    No image is decoded here: files are listed and ``stat()``-ed once each (and header-checked with
+    ``skip_bad_images``). The returned ``manifest_hash`` is a sha256 over the class names, the split
+    name, the parameters of any seeded split that decided membership, and, for every item in dataset
+    order, its label and identity plus content fingerprint: for files, the path relative to the dataset
+    root (or CSV folder) with its size and ``mtime_ns`` (so hashing an ImageNet-size folder costs one
+    ``stat()`` per file, and editing or touching an image changes the hash, while moving the root does
+    not); for embedded data, the pixel bytes.
+
+    Args:
+        spec: anything :meth:`DatasetSpec.parse` accepts, e.g. ``"patches13"``, ``"imagefolder:/data"``.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        transform: applied to each PIL RGB image by ``__getitem__`` (e.g. a torchvision transform).
+
+    Returns:
+        An :class:`~bobench.data.dataset.ImageDataset`.
+
+    Raises:
+        DatasetError: a bad spec, a missing path, an empty class folder, a bad CSV, a missing image, an
+            unknown or empty split; each message names the file or folder and the fix.
+
+    Example:
+        >>> ds = load_dataset("patches13", split="test")
+        >>> len(ds), len(ds.classes), ds.load_image(0).size
+        (156, 13, (64, 64))
+    """
+    spec = DatasetSpec.parse(spec)
+    if split not in SPLITS:
+        raise DatasetError(
+            f"unknown split {split!r}.{did_you_mean(split, list(SPLITS))} Use train, val or test."
+        )
+    if spec.kind == "embedded":
+        dataset = _load_embedded(spec, split, transform)
+    else:
+        if spec.kind == "imagefolder":
+            from bobench.data.folder import read_imagefolder
+
+            items = read_imagefolder(spec, split)
+        else:
+            from bobench.data.csvfile import read_csv_manifest
+
+            items = read_csv_manifest(spec, split)
+        dataset = _load_files(spec, split, items, transform)
+    if len(dataset) == 0:
+        skipped = f" ({dataset.n_skipped} unreadable images were skipped)" if dataset.n_skipped else ""
+        raise DatasetError(
+            f"split {split!r} of dataset {spec.path or spec.name} has no images{skipped}; add images, or "
+            "raise val_fraction/test_fraction if the classes are too small for a seeded split to fill it."
+        )
+    return dataset
+
+
+def _load_embedded(spec: DatasetSpec, split: str, transform: Callable[[Any], Any] | None) -> ImageDataset:
+    from bobench.data.dataset import ArraySource, ImageDataset
+
+    data = build_embedded(spec.name)
+    indices = data.split_indices(split)
+    images, targets = data.images[indices], data.targets[indices]
+    hasher = ManifestHasher(f"embedded:{spec.name}", split, data.classes, None)
+    hasher.add_arrays(images, targets)
+    source = ArraySource(spec.name, images, indices)
+    return ImageDataset(spec, split, data.classes, targets, hasher.hexdigest(), source, transform=transform)
+
+
+def _load_files(
+    spec: DatasetSpec, split: str, items: FileItems, transform: Callable[[Any], Any] | None
+) -> ImageDataset:
+    from bobench.data.dataset import FileSource, ImageDataset
+    from bobench.data.images import check_image
+
+    hasher = ManifestHasher(spec.kind, split, items.classes, items.split_params)
+    keep: list[int] = []
+    skipped: list[tuple[str, str]] = []
+    for i, rel in enumerate(items.paths):
+        path = os.path.join(items.root, rel)
+        try:
+            info = os.stat(path)
+        except OSError:
+            info = None
+        if info is None or not stat.S_ISREG(info.st_mode):
+            fix = (
+                "fix the path (relative paths start at the CSV's folder) or drop the row"
+                if items.lines is not None
+                else "it vanished while the folder was listed; load the dataset again"
+            )
+            raise DatasetError(f"{items.where(i)}: image {path} does not exist or is not a file; {fix}.")
+        if spec.skip_bad_images:
+            reason = check_image(path)
+            if reason is not None:
+                skipped.append((rel, reason))
+                continue
+        label = int(items.targets[i])
+        hasher.add_file(rel, info.st_size, info.st_mtime_ns, label)
+        keep.append(i)
+    source = FileSource(items.root, [items.paths[i] for i in keep])
+    targets = items.targets[np.array(keep, dtype=np.int64)]
+    return ImageDataset(
+        spec, split, items.classes, targets, hasher.hexdigest(), source, skipped=skipped, transform=transform
+    )

@@ -1,0 +1,96 @@
+"""The command line, run as a user runs it: subprocesses of the installed `bobench` entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+BOBENCH = [sys.executable, "-m", "bobench"]
+
+
+def run(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), **(env or {})}
+    proc = subprocess.run([*BOBENCH, *args], capture_output=True, text=True, env=full_env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"bobench {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def test_help_lists_every_command() -> None:
+    out = run("--help").stdout
+    for cmd in ("backbones", "datasets", "features", "results", "demo"):
+        assert cmd in out
+    assert "list" in run("backbones", "--help").stdout and "show" in run("backbones", "--help").stdout
+    assert "extract" in run("features", "--help").stdout
+    assert "export" in run("results", "--help").stdout
+
+
+def test_backbones_list_is_torch_free_and_filters() -> None:
+    code = (
+        "import sys; from bobench.cli.main import main; rc = main(['backbones', 'list', '--json']);"
+        "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert {"mobilenetv2_100.tv_in1k", "tf_efficientnet_lite0.in1k"} <= {r["name"] for r in rows}
+    sup = json.loads(run("backbones", "list", "--json", "--method", "supervised").stdout)
+    assert sup and all(r["pretraining"] == "supervised" for r in sup)
+    assert "mobilenetv2_100.tv_in1k" in run("backbones", "list").stdout  # table is not truncated in pipes
+
+
+def test_backbones_show_prints_counted_card() -> None:
+    card = json.loads(run("backbones", "show", "tf_efficientnet_lite0.in1k", "--json").stdout)
+    assert card["params"] == 3371008 and card["embed_dim"] == 1280 and card["mean"] == [0.5, 0.5, 0.5]
+    assert [f["stride"] for f in card["feature_info"]] == [4, 8, 16, 32]
+
+
+def test_datasets_list() -> None:
+    rows = json.loads(run("datasets", "list", "--json").stdout)
+    assert {r["name"] for r in rows} >= {"patches13", "mnist5k", "digits"}
+
+
+def test_features_extract_then_cache_hit(tmp_path: Path) -> None:
+    args = ("features", "extract", "-b", "random/mobilenetv2_100", "-d", "digits", "--split", "val",
+            "--image-size", "32", "--cache-dir", str(tmp_path), "--json")
+    first = json.loads(run(*args).stdout)[0]
+    second = json.loads(run(*args).stdout)[0]
+    assert not first["cache_hit"] and second["cache_hit"] and first["key"] == second["key"]
+    assert first["n"] == 359 and first["dim"] == 1280 and first["device"] == "cpu"
+    assert second["seconds"] < 0.1 * first["seconds"]
+
+
+def test_results_export(tmp_path: Path) -> None:
+    from bobench.store import Cell, Metric, ResultStore
+
+    db = tmp_path / "r.db"
+    with ResultStore(db) as store:
+        store.record(Cell("bb", "task", "ds", "linear"), [Metric("top1", 0.5, True)], config={"a": 1})
+    out = tmp_path / "out.csv"
+    run("results", "export", str(out), "--db", str(db))
+    df = pd.read_csv(out)
+    assert df.loc[0, "value"] == 0.5 and df.loc[0, "metric"] == "top1"
+    run("results", "export", str(tmp_path / "out.parquet"), "--db", str(db))
+    assert pd.read_parquet(tmp_path / "out.parquet").loc[0, "backbone"] == "bb"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("backbones", "show", "mobilenetv2_100.tv_in"), "Did you mean: mobilenetv2_100.tv_in1k"),
+        (("features", "extract", "-b", "random/mobilenetv2_100", "-d", "/no/such/dir"), "/no/such/dir"),
+        (("features", "extract", "-b", "timm:resnet18.a1_in1k", "-d", "digits"), "weights=PATH"),
+        (("results", "export", "x.csv", "--db", "/no/such.db"), "no results database at /no/such.db"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(args: tuple[str, ...], message: str) -> None:
+    proc = run(*args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
