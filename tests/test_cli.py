@@ -57,8 +57,21 @@ def test_datasets_list() -> None:
 
 
 def test_features_extract_then_cache_hit(tmp_path: Path) -> None:
-    args = ("features", "extract", "-b", "random/mobilenetv2_100", "-d", "digits", "--split", "val",
-            "--image-size", "32", "--cache-dir", str(tmp_path), "--json")
+    args = (
+        "features",
+        "extract",
+        "-b",
+        "random/mobilenetv2_100",
+        "-d",
+        "digits",
+        "--split",
+        "val",
+        "--image-size",
+        "32",
+        "--cache-dir",
+        str(tmp_path),
+        "--json",
+    )
     first = json.loads(run(*args).stdout)[0]
     second = json.loads(run(*args).stdout)[0]
     assert not first["cache_hit"] and second["cache_hit"] and first["key"] == second["key"]

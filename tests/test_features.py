@@ -83,7 +83,9 @@ def test_key_changes_with_every_component(tmp_path: Path, tiny) -> None:
     keys = {"base": base}
     keys["split"] = store.key(tiny, load_dataset(spec, "test"), SMALL)
     keys["transform"] = store.key(tiny, load_dataset(spec, "train"), ExtractOptions(image_size=48))
-    keys["precision"] = store.key(tiny, load_dataset(spec, "train"), ExtractOptions(image_size=32, precision="bf16"))
+    keys["precision"] = store.key(
+        tiny, load_dataset(spec, "train"), ExtractOptions(image_size=32, precision="bf16")
+    )
     keys["weights"] = store.key(
         create_backbone("user_models:make_declared", init_seed=1), load_dataset(spec, "train"), SMALL
     )
@@ -134,7 +136,9 @@ def test_batch_size_backs_off_on_out_of_memory(tmp_path: Path) -> None:
     X = fs.load()[0]
     t = bb.transform(image_size=32)
     with torch.inference_mode():
-        direct = torch.cat([bb.embed(torch.stack([t(ds.load_image(i)) for i in range(j, j + 4)])) for j in (0, 4)])
+        direct = torch.cat(
+            [bb.embed(torch.stack([t(ds.load_image(i)) for i in range(j, j + 4)])) for j in (0, 4)]
+        )
     np.testing.assert_allclose(X[:8], direct.numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -153,7 +157,10 @@ _EXTRACT = textwrap.dedent(
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def test_killed_extraction_resumes_at_first_missing_shard(tmp_path: Path) -> None:
@@ -175,18 +182,30 @@ def test_killed_extraction_resumes_at_first_missing_shard(tmp_path: Path) -> Non
     assert not partial["complete"] and len(partial["shards"]) >= 2
     done = len(partial["shards"])
     out = subprocess.run(
-        [sys.executable, str(script), str(cache), "128"], env=_env(), capture_output=True, text=True, check=True
+        [sys.executable, str(script), str(cache), "128"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     key, hit, resumed = out.stdout.split()
     assert hit == "False" and int(resumed) == done
     resumed_fs = FeatureStore(cache).get(key)
     fresh = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "fresh"), "128"], env=_env(), capture_output=True, text=True, check=True
+        [sys.executable, str(script), str(tmp_path / "fresh"), "128"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert fresh.stdout.split()[0] == key
-    np.testing.assert_allclose(resumed_fs.load()[0], FeatureStore(tmp_path / "fresh").get(key).load()[0], atol=1e-5)
+    np.testing.assert_allclose(
+        resumed_fs.load()[0], FeatureStore(tmp_path / "fresh").get(key).load()[0], atol=1e-5
+    )
     np.testing.assert_array_equal(resumed_fs.labels, load_dataset("digits", "train").targets)
-    assert not list((cache / key).glob(".*tmp*")) or True  # stray temp files of the killed writer are harmless
+    assert (
+        not list((cache / key).glob(".*tmp*")) or True
+    )  # stray temp files of the killed writer are harmless
 
 
 def test_concurrent_writers_do_not_corrupt(tmp_path: Path) -> None:
@@ -194,7 +213,9 @@ def test_concurrent_writers_do_not_corrupt(tmp_path: Path) -> None:
     script.write_text(_EXTRACT)
     cache = tmp_path / "cache"
     procs = [
-        subprocess.Popen([sys.executable, str(script), str(cache), "256"], env=_env(), stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(script), str(cache), "256"], env=_env(), stdout=subprocess.PIPE, text=True
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=300)[0].split() for p in procs]
