@@ -106,9 +106,9 @@ def test_parse_yaml_relative_path(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("spec", "pattern"),
     [
-        ("patches12", "Did you mean 'patches13'"),
-        ("imgfolder:/x", "unknown kind 'imgfolder'.*'imagefolder'"),
-        ("imagefolder:/x?sed=1", "unknown key 'sed'.*Did you mean 'seed'"),
+        ("patches12", "Did you mean: patches13"),
+        ("imgfolder:/x", "unknown kind 'imgfolder'.*Did you mean: imagefolder"),
+        ("imagefolder:/x?sed=1", "unknown key 'sed'.*Did you mean: seed"),
         ("imagefolder:/x?val_fraction=abc", "val_fraction='abc' is not a number"),
         ("imagefolder:/x?val_fraction=1.5", "val_fraction=1.5 is out of range"),
         ("imagefolder:/x?val_fraction=0.5&test_fraction=0.5", "leaves nothing to train on"),
@@ -118,7 +118,7 @@ def test_parse_yaml_relative_path(tmp_path: Path) -> None:
         ("imagefolder:/x?seed", "has no value"),
         ("imagefolder:/x?seed=1&seed=2", "given twice"),
         ("patches13?seed=1", "fixed splits.*drop seed"),
-        ({"kind": "imagefolder", "path": "/x", "val_fracton": 0.1}, "Did you mean 'val_fraction'"),
+        ({"kind": "imagefolder", "path": "/x", "val_fracton": 0.1}, "Did you mean: val_fraction"),
         ({"kind": "csv"}, "needs a path"),
         ({"kind": "embedded"}, "give 'name'"),
         ({"kind": "embedded", "name": "digits", "classes": ["a"]}, "drop classes"),
@@ -298,7 +298,7 @@ def test_csv_label_outside_declared_classes(tmp_path: Path) -> None:
     write_image(tmp_path / "1.png", 1)
     (tmp_path / "m.csv").write_text("path,label\n1.png,cat\n1.png,dgo\n")
     (tmp_path / "classes.txt").write_text("cat\ndog\n")
-    with pytest.raises(DatasetError, match=r"m\.csv line 3: label 'dgo' is not in.*classes\.txt.*'dog'"):
+    with pytest.raises(DatasetError, match=r"m\.csv line 3: label 'dgo' is not in.*classes\.txt.*Did you mean: dog"):
         load_dataset(str(tmp_path / "m.csv"))
     with pytest.raises(DatasetError, match=r"line 2: label 'cat' is not in the class list from the spec"):
         load_dataset(f"csv:{tmp_path / 'm.csv'}?classes=dog")
@@ -415,7 +415,7 @@ def test_folder_layout_errors(tmp_path: Path) -> None:
 
 def test_split_errors(tmp_path: Path) -> None:
     make_classes(tmp_path, {"a": 1, "b": 1})
-    with pytest.raises(DatasetError, match=r"unknown split 'vall'.*Did you mean 'val'"):
+    with pytest.raises(DatasetError, match=r"unknown split 'vall'.*Did you mean: val"):
         load_dataset(str(tmp_path), "vall")
     with pytest.raises(DatasetError, match=r"no 'test' split.*available splits: train, val"):
         load_dataset(f"imagefolder:{tmp_path}?test_fraction=0", "test")

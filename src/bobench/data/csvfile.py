@@ -12,10 +12,11 @@ import os
 
 import numpy as np
 
-from bobench.data.errors import DatasetError, did_you_mean
+from bobench.data.errors import DatasetError
 from bobench.data.manifest import FileItems
 from bobench.data.spec import DatasetSpec
 from bobench.data.splits import SPLITS, seeded_split_names, split_params, stratified_split
+from bobench.registry import suggest
 
 
 def _declared_classes(spec: DatasetSpec, csv_path: str) -> tuple[list[str] | None, str]:
@@ -73,7 +74,7 @@ def _read_rows(csv_path: str, declared: list[str] | None, declared_from: str) ->
             if known is not None and label not in known:
                 raise DatasetError(
                     f"{where}: label {label!r} is not in the class list from {declared_from}."
-                    f"{did_you_mean(label, declared or [])} Fix the label or add the class there."
+                    f"{suggest(label, declared or [])} Fix the label or add the class there."
                 )
             if col_split is not None:
                 value = row[col_split].strip().lower()

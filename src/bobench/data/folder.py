@@ -13,10 +13,11 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from bobench.data.errors import DatasetError, did_you_mean
+from bobench.data.errors import DatasetError
 from bobench.data.manifest import IMAGE_EXTENSIONS, FileItems
 from bobench.data.spec import DatasetSpec
 from bobench.data.splits import SPLITS, seeded_split_names, split_params, stratified_split
+from bobench.registry import suggest
 
 
 def _subdirs(folder: str) -> list[str]:
@@ -68,7 +69,7 @@ def _resolve_classes(spec: DatasetSpec, folder_names: set[str], where: str) -> l
         raise DatasetError(
             f"class folder {extra[0]!r} in {where} is not in the declared classes "
             f"({', '.join(spec.classes[:10])}{', ...' if len(spec.classes) > 10 else ''})."
-            f"{did_you_mean(extra[0], list(spec.classes))} Add it to 'classes' or remove the folder."
+            f"{suggest(extra[0], list(spec.classes))} Add it to 'classes' or remove the folder."
         )
     return list(spec.classes)
 

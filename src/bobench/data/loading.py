@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bobench.data.embedded import CATALOG, build_embedded
-from bobench.data.errors import DatasetError, did_you_mean
+from bobench.data.errors import DatasetError
 from bobench.data.manifest import FileItems, ManifestHasher
 from bobench.data.spec import DatasetSpec
 from bobench.data.splits import SPLITS
+from bobench.registry import suggest
 
 if TYPE_CHECKING:
     from bobench.data.dataset import ImageDataset
@@ -64,7 +65,7 @@ def load_dataset(
     spec = DatasetSpec.parse(spec)
     if split not in SPLITS:
         raise DatasetError(
-            f"unknown split {split!r}.{did_you_mean(split, list(SPLITS))} Use train, val or test."
+            f"unknown split {split!r}.{suggest(split, list(SPLITS))} Use train, val or test."
         )
     if spec.kind == "embedded":
         dataset = _load_embedded(spec, split, transform)

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from bobench.data.embedded import CATALOG
-from bobench.data.errors import DatasetError, did_you_mean
+from bobench.data.errors import DatasetError
+from bobench.registry import suggest
 
 KINDS: tuple[str, ...] = ("imagefolder", "csv", "embedded")
 _TRUE = {"true", "1", "yes", "on"}
@@ -61,13 +62,13 @@ class DatasetSpec:
             object.__setattr__(self, "classes", tuple(self.classes))  # keep the frozen spec hashable
         if self.kind not in KINDS:
             raise DatasetError(
-                f"unknown dataset kind {self.kind!r}.{did_you_mean(self.kind, list(KINDS))} "
+                f"unknown dataset kind {self.kind!r}.{suggest(self.kind, list(KINDS))} "
                 f"Use one of {', '.join(KINDS)}."
             )
         if self.kind == "embedded":
             if self.name not in CATALOG:
                 raise DatasetError(
-                    f"unknown embedded dataset {self.name!r}.{did_you_mean(self.name, list(CATALOG))} "
+                    f"unknown embedded dataset {self.name!r}.{suggest(self.name, list(CATALOG))} "
                     f"Embedded datasets: {', '.join(CATALOG)}."
                 )
             if self.path is not None:
@@ -143,7 +144,7 @@ def _from_string(text: str) -> DatasetSpec:
     if sep and len(prefix) > 1 and "/" not in prefix and "\\" not in prefix:
         if prefix not in KINDS:
             raise DatasetError(
-                f"{origin}: unknown kind {prefix!r}.{did_you_mean(prefix, list(KINDS))} "
+                f"{origin}: unknown kind {prefix!r}.{suggest(prefix, list(KINDS))} "
                 f"Use one of {', '.join(KINDS)}."
             )
         if prefix == "embedded":
@@ -168,7 +169,7 @@ def _from_path(path: str, options: dict[str, Any], origin: str) -> DatasetSpec:
             "check the path (a folder of class folders is read as imagefolder)."
         )
     raise DatasetError(
-        f"{origin}: unknown dataset {path!r}.{did_you_mean(path, list(CATALOG))} Embedded datasets: "
+        f"{origin}: unknown dataset {path!r}.{suggest(path, list(CATALOG))} Embedded datasets: "
         f"{', '.join(CATALOG)}; or give imagefolder:/path, csv:/path/manifest.csv, a folder or a .yaml file."
     )
 
@@ -208,7 +209,7 @@ def _from_mapping(data: dict[str, Any], origin: str, base: Path | None) -> Datas
     if unknown:
         key = str(unknown[0])
         raise DatasetError(
-            f"{origin}: unknown key {key!r}.{did_you_mean(key, _FIELDS)} Allowed keys: {', '.join(_FIELDS)}."
+            f"{origin}: unknown key {key!r}.{suggest(key, _FIELDS)} Allowed keys: {', '.join(_FIELDS)}."
         )
     kind = data.get("kind")
     path = data.get("path")
