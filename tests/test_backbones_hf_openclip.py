@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from bobench.backbones import create_backbone
 from bobench.backbones.base import count_params, tokens_to_map
@@ -234,6 +235,9 @@ def test_open_clip_resnet_features_any_size_embed_native_only(tiny_clip: Path) -
         assert [m.shape[-1] for m in maps] == [28, 14, 7, 3]  # CLIP's avg-pool downsampling floors 7 → 3
         with pytest.raises(ValueError, match=r"fixed-size position embeddings for \(64, 64\)"):
             bb.embed(torch.randn(1, 3, SIZE, SIZE))
+    # a task's image_size override cannot break a fixed-size tower: the card's size is used and recorded
+    assert bb.fixed_input_size and bb.preprocess(image_size=SIZE)["input_size"] == [3, 64, 64]
+    assert bb.transform(image_size=SIZE)(Image.new("RGB", (90, 70))).shape == (3, 64, 64)
 
 
 def test_open_clip_vit_hook_fallback_matches_forward_intermediates(tiny_clip: Path) -> None:

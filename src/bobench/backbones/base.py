@@ -113,6 +113,10 @@ class Backbone(nn.Module):
 
     #: whether the maps from ``features`` are a synthetic pyramid built from one ViT map
     pyramid: bool = False
+    #: the model only runs at ``card.input_size`` (e.g. CLIP's fixed position embeddings); an
+    #: ``image_size`` override in :meth:`preprocess` is then ignored, and the size actually used is
+    #: what the resolved preprocessing (and so the feature-cache key) records
+    fixed_input_size: bool = False
 
     def __init__(self, model: nn.Module, card: BackboneCard, feature_info: Sequence[FeatureInfo]) -> None:
         super().__init__()
@@ -163,10 +167,10 @@ class Backbone(nn.Module):
         Args:
             train: training augmentation (random resized crop + flip) instead of resize + centre crop.
             image_size: override the card's input size (e.g. small images in tests); mean, std,
-                interpolation and crop stay the card's.
+                interpolation and crop stay the card's. Ignored for ``fixed_input_size`` models.
         """
         c, h, w = self.card.input_size
-        if image_size is not None:
+        if image_size is not None and not self.fixed_input_size:
             h = w = int(image_size)
         return {
             "train": bool(train),

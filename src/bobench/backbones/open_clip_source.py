@@ -77,6 +77,7 @@ class OpenClipBackbone(Backbone):
         super().__init__(model, card, feature_info)
         self._kind = kind  # "vit", "rn" or "other"
         self.pyramid = kind == "vit"
+        self.fixed_input_size = True  # embed needs the position-embedding / attention-pool size
 
     def _check_size(self, x: torch.Tensor) -> None:
         if tuple(x.shape[-2:]) != tuple(self.card.input_size[1:]):
