@@ -221,15 +221,20 @@ def verified_path(path: Path, sha256: str | None) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=8)
 def network_available(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
     """Whether ``host`` resolves and accepts a TCP connection within ``timeout`` seconds.
 
-    Checked once per process before any download so that an offline machine fails in seconds
-    instead of spending a minute in the hub client's retries. ``HF_HUB_OFFLINE=1`` means no.
+    Probed once per process and host before any download, so that an offline machine fails in
+    seconds instead of spending a minute in the hub client's retries. ``HF_HUB_OFFLINE=1`` means no
+    (read on every call, so setting it mid-process takes effect).
     """
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
         return False
+    return _reachable(host, port, timeout)
+
+
+@functools.lru_cache(maxsize=8)
+def _reachable(host: str, port: int, timeout: float) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -253,7 +258,7 @@ def hub_file(repo_id: str, filenames: tuple[str, ...] = ("model.safetensors", "p
         except (LocalEntryNotFoundError, EntryNotFoundError, OSError):
             continue
     if not network_available():
-        raise WeightsUnavailableError(offline_message(repo_id, filenames[0]))
+        raise WeightsUnavailableError(offline_message(repo_id, *filenames))
     last: Exception | None = None
     for filename in filenames:
         try:
@@ -263,13 +268,18 @@ def hub_file(repo_id: str, filenames: tuple[str, ...] = ("model.safetensors", "p
     raise WeightsUnavailableError(f"none of {list(filenames)} found in hub repo {repo_id}: {last}")
 
 
-def offline_message(repo_id: str, filename: str) -> str:
-    """The one message for hub weights that are not cached on an offline machine."""
+def offline_message(repo_id: str, *filenames: str) -> str:
+    """The one message for hub weights that are not cached on an offline machine.
+
+    ``filenames`` are the candidates in order of preference (the first that the repo has is the one).
+    """
     from huggingface_hub.constants import HF_HUB_CACHE
 
+    names = filenames or ("model.safetensors",)
+    urls = " or ".join(f"https://huggingface.co/{repo_id}/resolve/main/{f}" for f in names)
     return (
-        f"weights {repo_id}/{filename} are not in the local cache ({HF_HUB_CACHE}) and the Hugging Face "
-        f"Hub cannot be reached (offline). Either download https://huggingface.co/{repo_id}/resolve/main/"
-        f"{filename} on a machine with network and pass it with weights=PATH (CLI: --weights PATH), or run "
-        f"once where the network exists to fill the cache, or use pretrained=False for a random-init control."
+        f"weights {repo_id} ({' or '.join(names)}) are not in the local cache ({HF_HUB_CACHE}) and the "
+        f"Hugging Face Hub cannot be reached (offline). Either download {urls} on a machine with network "
+        f"and pass it with weights=PATH (CLI: --weights PATH), or run once where the network exists to fill "
+        f"the cache, or use pretrained=False for a random-init control."
     )
