@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread per test process (inherited by the subprocesses tests start): tests check
+# correctness, and on 2 cores a second process (DataLoader worker, concurrent writer) makes OpenMP's
+# spinning threads wait on each other, turning milliseconds into seconds.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/user_models.py for `user_models:make_net`
 
 

@@ -298,7 +298,9 @@ def test_csv_label_outside_declared_classes(tmp_path: Path) -> None:
     write_image(tmp_path / "1.png", 1)
     (tmp_path / "m.csv").write_text("path,label\n1.png,cat\n1.png,dgo\n")
     (tmp_path / "classes.txt").write_text("cat\ndog\n")
-    with pytest.raises(DatasetError, match=r"m\.csv line 3: label 'dgo' is not in.*classes\.txt.*Did you mean: dog"):
+    with pytest.raises(
+        DatasetError, match=r"m\.csv line 3: label 'dgo' is not in.*classes\.txt.*Did you mean: dog"
+    ):
         load_dataset(str(tmp_path / "m.csv"))
     with pytest.raises(DatasetError, match=r"line 2: label 'cat' is not in the class list from the spec"):
         load_dataset(f"csv:{tmp_path / 'm.csv'}?classes=dog")

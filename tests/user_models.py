@@ -61,3 +61,16 @@ def make_oom() -> nn.Module:
     net = OOMNet()
     net.pretrained_cfg = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
     return net
+
+
+class BrokenNet(TinyNet):
+    """A backbone whose forward always fails, to check that a battle isolates it."""
+
+    def forward(self, x):
+        raise RuntimeError("this backbone is broken on purpose")
+
+
+def make_broken() -> nn.Module:
+    net = BrokenNet()
+    net.pretrained_cfg = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    return net

@@ -186,30 +186,224 @@ def results_export(
     typer.echo(f"wrote {path}")
 
 
-# -- demo --------------------------------------------------------------------------------------------
+# -- tasks and suites --------------------------------------------------------------------------------
+tasks_app = typer.Typer(help="List tasks and suites.", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
+
+
+@tasks_app.command("list")
+def tasks_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the built-in tasks (a task YAML path works wherever a task name does)."""
+    from bobench.task import list_tasks
+
+    rows = list_tasks()
+    if as_json:
+        _echo_json(rows)
+    else:
+        _table(rows, ["name", "version", "dataset", "protocol", "primary", "description"], "tasks")
+
+
+@tasks_app.command("suites")
+def suites_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the built-in suites."""
+    from bobench.task import list_suites
+
+    rows = list_suites()
+    if as_json:
+        _echo_json(rows)
+    else:
+        _table(rows, ["name", "backbones", "tasks", "description"], "suites")
+
+
+# -- battles -----------------------------------------------------------------------------------------
+def _split(csv: str | None) -> list[str] | None:
+    return [x.strip() for x in csv.split(",") if x.strip()] if csv else None
+
+
+def _battle(
+    backbones: list[str],
+    tasks: list[str],
+    *,
+    db: Path,
+    cache_dir: Path | None,
+    device: str,
+    precision: str,
+    batch_size: int,
+    workers: int | None,
+    force: bool,
+    seeds: list[int] | None,
+    title: str,
+) -> None:
+    from bobench.features import ExtractOptions
+    from bobench.leaderboard import format_leaderboard, leaderboard
+    from bobench.runner import print_outcome, run_battle
+    from bobench.store import ResultStore
+    from bobench.task import load_task
+
+    loaded = [load_task(t) for t in tasks]
+    opts = ExtractOptions(device=device, precision=precision, batch_size=batch_size, num_workers=workers)
+    with ResultStore(db) as store:
+        summary = run_battle(
+            backbones,
+            loaded,
+            store=store,
+            cache_dir=cache_dir,
+            extract=opts,
+            seeds=seeds,
+            force=force,
+            on_outcome=print_outcome,
+        )
+        table = leaderboard(store, backbones, loaded)
+    typer.echo(format_leaderboard(table, f"{title}: primary metric x100 (mean over the tasks present)"))
+    typer.echo(
+        f"{summary.done} cells run, {summary.skipped} skipped (already in {db}), {summary.failed} failed "
+        f"in {summary.wall_time_s:.0f} s."
+    )
+    for out in summary.failures:
+        typer.secho(
+            f"  failed: {out.planned.backbone} | {out.planned.task.name}: {out.error.splitlines()[0][:300]}",
+            fg="red",
+            err=True,
+        )
+    if summary.failed:
+        typer.echo("Failed cells are recorded with their errors; rerun the same command to retry only them.")
+
+
+_DB = Annotated[
+    Path, typer.Option(help="Results database (default: $BOBENCH_DB or bobench-results/results.db).")
+]
+_CACHE = Annotated[
+    Path | None, typer.Option(help="Feature cache (default: $BOBENCH_CACHE or ~/.cache/bobench).")
+]
+_DEVICE = Annotated[str, typer.Option(help="auto | cpu | cuda[:N] | mps")]
+_PRECISION = Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16")]
+_BATCH = Annotated[int, typer.Option(help="Images per forward (halved on OOM).")]
+_WORKERS = Annotated[int | None, typer.Option(help="DataLoader workers (default: spare cores).")]
+_FORCE = Annotated[bool, typer.Option("--force", help="Redo cells that are already in the database.")]
+
+
+@app.command("run")
+def run_cmd(
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="Zoo name or spec.")],
+    task: Annotated[list[str], typer.Option("--task", "-t", help="Task name or YAML path (repeatable).")],
+    seed: Annotated[list[int] | None, typer.Option(help="Seed(s), overriding the task's.")] = None,
+    db: _DB = default_db(),
+    cache_dir: _CACHE = None,
+    device: _DEVICE = "auto",
+    precision: _PRECISION = "auto",
+    batch_size: _BATCH = 64,
+    workers: _WORKERS = None,
+    force: _FORCE = False,
+) -> None:
+    """Run one backbone on one or more tasks."""
+    _battle(
+        [backbone],
+        task,
+        db=db,
+        cache_dir=cache_dir,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        force=force,
+        seeds=seed or None,
+        title=backbone,
+    )
+
+
+@app.command("battle")
+def battle_cmd(
+    suite: Annotated[str | None, typer.Option(help="Suite name (demo) or YAML file.")] = None,
+    backbones: Annotated[
+        str | None, typer.Option(help="Comma-separated backbones (replace the suite's).")
+    ] = None,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks (replace the suite's).")] = None,
+    db: _DB = default_db(),
+    cache_dir: _CACHE = None,
+    device: _DEVICE = "auto",
+    precision: _PRECISION = "auto",
+    batch_size: _BATCH = 64,
+    workers: _WORKERS = None,
+    force: _FORCE = False,
+) -> None:
+    """Run a suite (or --backbones x --tasks), skipping finished cells, and print the leaderboard."""
+    from bobench.task import load_suite
+
+    if suite is None and not (backbones and tasks):
+        raise typer.BadParameter("give --suite, or both --backbones and --tasks")
+    s = load_suite(suite) if suite else None
+    bbs = _split(backbones) or list(s.backbones)
+    ts = _split(tasks) or list(s.tasks)
+    _battle(
+        bbs,
+        ts,
+        db=db,
+        cache_dir=cache_dir,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        force=force,
+        seeds=None,
+        title=s.name if s and not backbones else "battle",
+    )
+
+
 @app.command("demo")
 def demo(
-    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache.")] = None,
+    db: _DB = default_db(),
+    cache_dir: _CACHE = None,
+    device: _DEVICE = "auto",
+    force: _FORCE = False,
 ) -> None:
-    """Offline demo: list what ships, then extract the shipped backbones' features on patches13."""
-    backbones_list(as_json=False, family=None, method=None)
-    datasets_list(as_json=False)
-    for name in ("mobilenetv2_100.tv_in1k", "tf_efficientnet_lite0.in1k", "random/mobilenetv2_100"):
-        features_extract(
-            backbone=name,
-            dataset="patches13",
-            split=None,
-            weights=None,
-            pretrained=True,
-            device="auto",
-            precision="auto",
-            batch_size=64,
-            image_size=112,
-            workers=None,
-            cache_dir=cache_dir,
-            as_json=False,
-        )
-    typer.echo("The full battle (probes, leaderboard, report) arrives with the probes issue.")
+    """The offline demo battle: shipped ImageNet backbones vs random-init controls (suite `demo`)."""
+    from bobench.task import load_suite
+
+    s = load_suite("demo")
+    _battle(
+        list(s.backbones),
+        list(s.tasks),
+        db=db,
+        cache_dir=cache_dir,
+        device=device,
+        precision="auto",
+        batch_size=64,
+        workers=None,
+        force=force,
+        seeds=None,
+        title="demo",
+    )
+    typer.echo(f"Results: {db} (export with `bobench results export results.csv`).")
+
+
+@results_app.command("list")
+def results_list(
+    db: _DB = default_db(),
+    backbone: Annotated[str | None, typer.Option(help="Only this backbone.")] = None,
+    task: Annotated[str | None, typer.Option(help="Only this task.")] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="Show failed cells and their errors.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List stored results (or failures), one row per metric."""
+    from bobench.store import ResultStore
+
+    if not db.exists():
+        raise FileNotFoundError(f"no results database at {db}; run a battle first or pass --db PATH")
+    filters = {k: v for k, v in {"backbone": backbone, "task": task}.items() if v}
+    with ResultStore(db, readonly=True) as store:
+        df = store.results(status="failed" if failed else "ok", **filters)
+    cols = ["backbone", "task", "protocol", "seed", "metric", "value", "device", "created_at"]
+    if failed:
+        cols = ["backbone", "task", "protocol", "seed", "error", "created_at"]
+        df = df.assign(error=df["error"].astype(str).str.splitlines().str[0])
+    rows = df[cols].to_dict(orient="records")
+    if as_json:
+        _echo_json(rows)
+    else:
+        for r in rows:
+            if isinstance(r.get("value"), float):
+                r["value"] = f"{r['value']:.4f}"
+        _table(rows, cols, f"{len(rows)} {'failed cells' if failed else 'results'} in {db}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,9 +64,7 @@ def load_dataset(
     """
     spec = DatasetSpec.parse(spec)
     if split not in SPLITS:
-        raise DatasetError(
-            f"unknown split {split!r}.{suggest(split, list(SPLITS))} Use train, val or test."
-        )
+        raise DatasetError(f"unknown split {split!r}.{suggest(split, list(SPLITS))} Use train, val or test.")
     if spec.kind == "embedded":
         dataset = _load_embedded(spec, split, transform)
     else:

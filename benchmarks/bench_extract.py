@@ -1,0 +1,94 @@
+"""P1: bobench's feature extractor vs a bare timm ``inference_mode`` loop.
+
+Same images (patches13 train split), same model, same transform, same batch size and DataLoader
+workers; the baseline is the loop a careful user writes by hand (NCHW, no extras). bobench's
+extractor adds channels_last for CNNs and writes the cache shards; its time includes writing them.
+Target: ≥ 1.0× everywhere and ≥ 1.3× on CNNs.
+
+    python -m benchmarks.bench_extract [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+from torch.utils.data import DataLoader
+
+from benchmarks.common import best_of, save
+from bobench import create_backbone, load_dataset
+from bobench.features import ExtractOptions, FeatureStore
+
+MODELS = ["mobilenetv2_100.tv_in1k", "tf_efficientnet_lite0.in1k", "random/timm:vit_tiny_patch16_224"]
+
+
+def bare_loop(bb, ds, batch_size: int, workers: int) -> int:
+    """What a user writes by hand: timm model, card transform, DataLoader, inference_mode."""
+    ds.transform = bb.transform()
+    model = bb.model.eval()
+    n = 0
+    with torch.inference_mode():
+        for x, _ in DataLoader(ds, batch_size=batch_size, num_workers=workers):
+            model.forward_head(model.forward_features(x), pre_logits=True)
+            n += len(x)
+    return n
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="val split only, one repeat")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args(argv)
+    split, repeats = ("val", 1) if args.quick else ("train", 2)
+    rows = []
+    for name in MODELS:
+        bb = create_backbone(name)
+        ds = load_dataset("patches13", split=split)
+        opts = ExtractOptions(
+            batch_size=args.batch_size, num_workers=args.workers, progress=False, device="cpu"
+        )
+
+        def ours(bb=bb, ds=ds, opts=opts) -> None:
+            FeatureStore(tempfile.mkdtemp(prefix="bench-extract-")).get_or_extract(bb, ds, opts)
+
+        def bare(bb=bb, ds=ds) -> None:
+            bare_loop(bb, ds, args.batch_size, args.workers)
+
+        bare()  # warm-up: allocator, thread pools, page cache
+        t_bare = best_of(bare, repeats)
+        t_ours = best_of(ours, repeats)
+        bb.model.to(memory_format=torch.contiguous_format)
+        row = {
+            "model": name,
+            "family": bb.card.family,
+            "images": len(ds),
+            "bare_img_per_s": len(ds) / t_bare,
+            "bobench_img_per_s": len(ds) / t_ours,
+            "speedup": t_bare / t_ours,
+            "target": 1.3 if bb.card.family == "cnn" else 1.0,
+        }
+        rows.append(row)
+        print(
+            f"| {name} | {row['family']} | {row['bare_img_per_s']:.1f} | {row['bobench_img_per_s']:.1f} | "
+            f"{row['speedup']:.2f}x | >= {row['target']}x |",
+            flush=True,
+        )
+    path = save(
+        "extract",
+        {
+            "benchmark": "P1 extraction",
+            "split": split,
+            "image_size": 224,
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "rows": rows,
+        },
+    )
+    print(f"wrote {path}")
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""``make bench``: run every benchmark in turn (P1 extraction, P2 linear, P3 amortisation, P4 kNN).
+
+Each writes ``benchmarks/results/<name>.json``; BENCHMARKS.md quotes them. Pass ``--quick`` for a
+smoke run. Run on an otherwise idle machine: the numbers are ratios measured side by side, but a
+busy core still adds noise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES = ["bench_extract", "bench_linear", "bench_amortise", "bench_knn"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    for name in BENCHES:
+        print(f"\n## {name}", flush=True)
+        importlib.import_module(f"benchmarks.{name}").main(args)
+
+
+if __name__ == "__main__":
+    main()

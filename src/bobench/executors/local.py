@@ -1,0 +1,13 @@
+"""The default executor: every group in this process, one after another."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from bobench.runner import CellOutcome, WorkGroup, run_group
+
+
+def execute(groups: list[WorkGroup]) -> Iterator[CellOutcome]:
+    """Run ``groups`` in order in the driver process, yielding each cell's outcome as it finishes."""
+    for group in groups:
+        yield from run_group(group)

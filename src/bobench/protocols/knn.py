@@ -1,0 +1,431 @@
+"""Cosine k-nearest-neighbour classification on frozen features, many k and two votes in one pass.
+
+Features are L2-normalised, so the dot product is the cosine similarity. One pass over the gallery (the
+train split) keeps, for every query, its ``max(ks)`` most similar gallery rows; every k then reads a
+prefix of that list, and both votes are scored from it:
+
+* ``uniform``: majority vote of the k labels. Identical to scikit-learn's
+  ``KNeighborsClassifier(algorithm="brute", metric="cosine", weights="uniform")``: class ties go to the
+  smallest label (``scipy.stats.mode`` there, first ``argmax`` here).
+* ``weighted`` (DINO's ``knn_classifier``): neighbour j adds ``exp(sim_j / T)`` to its class, T = 0.07;
+  the class with the largest sum wins (ties: smallest label).
+
+Neighbour order is total and deterministic: by similarity, descending, then by gallery index,
+ascending. scikit-learn picks among *exactly* equal distances with ``np.argpartition``, whose choice is
+unspecified, so the two agree whenever no exact tie between different labels straddles the k-th place
+(duplicated gallery vectors with one label, and class-count ties, give identical predictions). Both
+compute float32 similarities with their own matmul, so values within an ulp may still rank apart; and
+a matmul's rounding depends on block shapes, so different ``block_size``s can reorder such near-ties
+(exact duplicates included) without changing any prediction unless their labels differ.
+
+Memory stays bounded on large galleries (1.28M ImageNet train rows): the gallery is streamed once,
+shard by shard (memory-mapped for a :class:`~bobench.features.FeatureSet`) in pieces sized by
+``memory_budget_gb``; for each piece and each block of ``block_size`` queries the block's top-k is
+merged into the running top-k. Queries (test, plus val when given) and the running ``[Q, max(ks)]``
+lists are held in memory.
+
+Example:
+    >>> out = knn_predict(train_X, train_y, test_X, ks=(1, 20))   # [5000, 384], [5000], [1000, 384]
+    >>> out.pred["k=20"].shape, out.pred["k=1:uniform"].shape, out.neighbors.shape
+    ((1000,), (1000,), (1000, 20))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from bobench.device import resolve_placement
+from bobench.metrics import balanced_acc_of_predictions
+from bobench.protocols.base import Features, ProbeData, ProtocolResult
+from bobench.store import Metric
+
+DEFAULT_KS = (1, 10, 20, 50, 100, 200)
+#: DINO reports the weighted vote at k = 20 (T = 0.07); that is our headline ``top1``.
+HEADLINE_K = 20
+DEFAULT_PARAMS: dict[str, Any] = {
+    "ks": DEFAULT_KS,
+    "temperature": 0.07,
+    "block_size": 4096,  # queries per similarity block
+    "device": "auto",
+    "memory_budget_gb": 1.0,  # gallery piece + similarity block; queries and top-k lists come on top
+}
+
+
+def setting_name(k: int, vote: str) -> str:
+    """``"k=20"`` for the weighted vote, ``"k=20:uniform"`` for the majority vote."""
+    return f"k={k}" if vote == "weighted" else f"k={k}:{vote}"
+
+
+@dataclass
+class KnnPredictions:
+    """What :func:`knn_predict` returns (numpy arrays, queries in input order).
+
+    Attributes:
+        ks: the k values scored, ascending, clipped to the gallery size.
+        neighbors: ``[Q, max(ks)]`` gallery row indices, ordered by (similarity desc, index asc).
+        similarities: ``[Q, max(ks)]`` their cosine similarities.
+        pred, confidence: per setting name (:func:`setting_name`) ``[Q]`` predicted class and its share
+            of the vote (weighted: its share of the summed weights; uniform: its count / k).
+        top5: for the weighted vote at ``headline_k`` only, ``[Q, 5]`` classes by score (ties: smaller
+            label first); slots beyond the classes that got any vote are -1.
+        boundary_ties: query-block rows whose k-th place was an exact tie (resolved by gallery index).
+    """
+
+    ks: tuple[int, ...]
+    neighbors: np.ndarray
+    similarities: np.ndarray
+    pred: dict[str, np.ndarray] = field(default_factory=dict)
+    confidence: dict[str, np.ndarray] = field(default_factory=dict)
+    top5: dict[str, np.ndarray] = field(default_factory=dict)
+    boundary_ties: int = 0
+
+
+def knn_predict(
+    train_X: np.ndarray | Features,
+    train_y: np.ndarray | None,
+    test_X: np.ndarray,
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    n_classes: int | None = None,
+    temperature: float = 0.07,
+    headline_k: int | None = HEADLINE_K,
+    block_size: int = 4096,
+    gallery_block_size: int | None = None,
+    memory_budget_gb: float = 1.0,
+    device: str | torch.device = "cpu",
+) -> KnnPredictions:
+    """Cosine kNN predictions for every k in ``ks`` and both votes, in one pass over the gallery.
+
+    Args:
+        train_X: gallery features ``[N, D]``, or a :class:`Features` streamed with ``iter_shards()``
+            (then ``train_y`` must be None: labels come with the shards).
+        train_y: ``[N]`` integer labels >= 0 for an array gallery.
+        test_X: ``[Q, D]`` query features.
+        ks: neighbour counts; clipped to N and deduplicated.
+        n_classes: number of classes (default: largest gallery label + 1).
+        temperature: T of the weighted vote ``exp(sim / T)``; > 0.
+        headline_k: the weighted-vote k that also gets ``top5`` (clipped to N and added to ``ks``);
+            None: no top-5.
+        block_size: queries per similarity block.
+        gallery_block_size: gallery rows per piece; None derives it from ``memory_budget_gb``.
+        memory_budget_gb: bound on one gallery piece plus its similarity block.
+        device: torch device for the similarities (``"auto"`` picks CUDA when present).
+
+    Returns:
+        :class:`KnnPredictions`.
+
+    Raises:
+        ValueError: empty gallery, mismatched dims or lengths, non-finite features, negative labels,
+            bad ``ks``/``temperature``/block sizes.
+    """
+    dev = _resolve_device(device)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if block_size < 1 or (gallery_block_size is not None and gallery_block_size < 1):
+        raise ValueError(f"block sizes must be >= 1, got {block_size} and {gallery_block_size}")
+    test_X = np.asarray(test_X)
+    if isinstance(train_X, np.ndarray):
+        if train_y is None or len(train_y) != len(train_X) or train_X.ndim != 2:
+            raise ValueError("an array gallery needs train_X [N, D] and train_y [N] of equal length")
+        n_gallery, dim = train_X.shape
+    else:
+        if train_y is not None:
+            raise ValueError("train_y must be None when train_X is a Features object (labels are in it)")
+        n_gallery, dim = train_X.n, train_X.dim
+    if n_gallery == 0:
+        raise ValueError("kNN needs a non-empty gallery (train split)")
+    if test_X.ndim != 2 or test_X.shape[1] != dim:
+        raise ValueError(f"test_X must be [Q, {dim}] like the gallery, got {test_X.shape}")
+    ks_c = _clip_ks(ks, n_gallery, headline_k)
+    head = None if headline_k is None else min(headline_k, n_gallery)
+    kmax = ks_c[-1]
+    if gallery_block_size is None:
+        # per gallery row: raw + normalised copy (8 B/dim), a float32 similarity per query and topk's
+        # workspace (8 B/query)
+        gallery_block_size = max(1, int(memory_budget_gb * 2**30) // (8 * dim + 8 * block_size))
+
+    queries = _unit_rows(test_X, "test_X", dev)
+    n_q = len(queries)
+    vals = torch.empty(n_q, 0, device=dev)
+    idx = torch.empty(n_q, 0, dtype=torch.long, device=dev)
+    labels_seen: list[np.ndarray] = []
+    offset, ties = 0, 0
+    for piece, piece_y in _gallery_pieces(train_X, train_y, gallery_block_size):
+        labels_seen.append(np.asarray(piece_y, dtype=np.int64))
+        g = _unit_rows(piece, "train_X", dev)
+        new_v, new_i = [], []
+        for s in range(0, n_q, block_size):
+            v, i, t = _block_topk(queries[s : s + block_size] @ g.T, kmax)
+            new_v.append(v)
+            new_i.append(i + offset)
+            ties += t
+        if offset == 0:  # the first piece: nothing to merge with
+            vals, idx = torch.cat(new_v), torch.cat(new_i)
+        else:
+            vals, idx = _merge(vals, idx, torch.cat(new_v), torch.cat(new_i), kmax)
+        offset += len(g)
+    gallery_y = np.concatenate(labels_seen)
+    if offset != n_gallery:
+        raise ValueError(f"the gallery yielded {offset} rows but declares n={n_gallery}")
+    if gallery_y.min() < 0:
+        raise ValueError(f"labels must be >= 0, got {gallery_y.min()}")
+    n_classes = max(int(n_classes or 0), int(gallery_y.max()) + 1)
+
+    nb_labels = torch.from_numpy(gallery_y).to(dev)[idx]
+    parts: dict[str, dict[str, list[np.ndarray]]] = {"pred": {}, "confidence": {}, "top5": {}}
+    for s in range(0, n_q, block_size):
+        block = _vote(
+            vals[s : s + block_size], nb_labels[s : s + block_size], ks_c, n_classes, temperature, head
+        )
+        for kind, by_setting in block.items():
+            for name, arr in by_setting.items():
+                parts[kind].setdefault(name, []).append(arr)
+    whole = {kind: {name: np.concatenate(a) for name, a in d.items()} for kind, d in parts.items()}
+    return KnnPredictions(
+        ks_c, idx.cpu().numpy(), vals.cpu().numpy(), whole["pred"], whole["confidence"], whole["top5"], ties
+    )
+
+
+def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult:
+    """The kNN protocol: gallery = train, scored on test for every k and both votes.
+
+    kNN has nothing to tune, so nothing is chosen on val: when ``data.val`` is given, its top-1 for
+    every setting is only recorded in ``info["val_top1"]`` (val and test queries share the one pass).
+
+    Args:
+        data: train (gallery), test, optional val.
+        params: any of ``ks``, ``temperature``, ``block_size``, ``device``, ``memory_budget_gb``
+            (defaults in :data:`DEFAULT_PARAMS`).
+        seed: unused (kNN is deterministic); accepted for the protocol contract.
+
+    Returns:
+        Metrics, all ``higher_is_better``: ``top1`` (weighted vote, k = 20 clipped to the gallery size;
+        DINO's setting), ``top5`` (same setting; only when k >= 5 and there are more than 5 classes; a
+        class with no vote never counts as a hit), ``balanced_acc`` (same setting; mean recall over
+        the classes present in test), and ``top1@k={k}`` (weighted) and ``top1@k={k}:uniform`` for
+        every k. Predictions for every setting, with a ``setting`` column.
+
+    Raises:
+        ValueError: an unknown or invalid parameter (named), or an empty split.
+    """
+    del seed
+    p = resolve_params(params)
+    t0 = time.perf_counter()
+    test_X, test_y = data.test.load()
+    if len(test_y) == 0:
+        raise ValueError("kNN: the test split is empty")
+    val_X, val_y = data.val.load() if data.val is not None else (test_X[:0], test_y[:0])
+    kw = {key: p[key] for key in ("temperature", "block_size", "memory_budget_gb", "device")}
+    queries = np.concatenate([test_X, val_X])  # one pass over the gallery scores both
+    out = knn_predict(data.train, None, queries, p["ks"], n_classes=data.n_classes, **kw)
+    n_test = len(test_y)
+    head = setting_name(min(HEADLINE_K, data.train.n), "weighted")
+    pred_h = out.pred[head][:n_test]
+    metrics = [Metric("top1", _acc(pred_h, test_y), True)]
+    top5 = out.top5[head][:n_test]
+    if top5.shape[1] == 5 and min(HEADLINE_K, data.train.n) >= 5 and data.n_classes > 5:
+        metrics.append(Metric("top5", float(np.mean((top5 == test_y[:, None]).any(1))), True))
+    metrics.append(Metric("balanced_acc", balanced_acc_of_predictions(pred_h, test_y), True))
+    settings = [setting_name(k, v) for k in out.ks for v in ("weighted", "uniform")]
+    metrics += [Metric(f"top1@{s}", _acc(out.pred[s][:n_test], test_y), True) for s in settings]
+
+    order = [head] + [s for s in settings if s != head]  # the headline first, then every other setting
+    predictions = {
+        "index": np.tile(np.arange(n_test), len(order)),
+        "label": np.tile(test_y, len(order)),
+        "pred": np.concatenate([out.pred[s][:n_test] for s in order]),
+        "confidence": np.concatenate([out.confidence[s][:n_test] for s in order]),
+        "setting": np.repeat(np.array(order), n_test),
+    }
+    info: dict[str, Any] = {
+        "ks": list(out.ks),
+        "headline": head,
+        "temperature": p["temperature"],
+        "n_train": data.train.n,
+        "n_test": n_test,
+        "boundary_ties": out.boundary_ties,
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    if data.val is not None:
+        info["n_val"] = len(val_y)
+        info["val_top1"] = {s: _acc(out.pred[s][n_test:], val_y) for s in settings}
+    return ProtocolResult(metrics, predictions, info)
+
+
+def resolve_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate kNN ``params`` over :data:`DEFAULT_PARAMS`; an unknown key or bad value raises ValueError."""
+    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
+    if unknown:
+        raise ValueError(f"unknown kNN parameter(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}")
+    p = {**DEFAULT_PARAMS, **params}
+    ks, bs = p["ks"], p["block_size"]
+    if isinstance(ks, int | str) or not ks or not all(_is_int(k) and k >= 1 for k in ks):
+        raise ValueError(f"kNN parameter 'ks' must be a non-empty list of ints >= 1, got {ks!r}")
+    if not _is_int(bs) or bs < 1:
+        raise ValueError(f"kNN parameter 'block_size' must be an int >= 1, got {bs!r}")
+    for key in ("temperature", "memory_budget_gb"):
+        if isinstance(p[key], bool) or not isinstance(p[key], int | float) or not 0 < p[key] < float("inf"):
+            raise ValueError(f"kNN parameter {key!r} must be a positive number, got {p[key]!r}")
+    p["ks"], p["temperature"], p["memory_budget_gb"] = (
+        tuple(ks),
+        float(p["temperature"]),
+        float(p["memory_budget_gb"]),
+    )
+    return p
+
+
+# -- internals ----------------------------------------------------------------------------------------
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    dev = resolve_placement(str(device)).device  # the one place devices are chosen ("auto": CUDA, MPS, CPU)
+    if dev.type == "mps":
+        raise ValueError("the kNN vote accumulates in float64, which MPS lacks; use device 'cpu'")
+    return dev
+
+
+def _clip_ks(ks: Sequence[int], n_gallery: int, headline_k: int | None) -> tuple[int, ...]:
+    ks = list(ks) + ([headline_k] if headline_k is not None else [])
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be non-empty and >= 1, got {list(ks)}")
+    return tuple(sorted({min(int(k), n_gallery) for k in ks}))
+
+
+def _unit_rows(x: np.ndarray, what: str, dev: torch.device) -> torch.Tensor:
+    """``x`` [n, D] as float32 rows of unit L2 norm on ``dev`` (zero rows stay zero), as F.normalize.
+
+    The norms double as the finiteness check: a NaN or inf anywhere in a row makes its norm non-finite.
+    """
+    arr = np.ascontiguousarray(x, dtype=np.float32)
+    if not arr.flags.writeable:  # a read-only memory map: copy the piece (torch wants writable memory)
+        arr = arr.copy()
+    t = torch.from_numpy(arr).to(dev)
+    norms = torch.linalg.vector_norm(t, dim=1, keepdim=True)
+    if not bool(torch.isfinite(norms).all()):
+        raise ValueError(f"{what} contains NaN or inf features (or rows whose norm overflows float32)")
+    return t / norms.clamp_min(1e-12)  # out of place: never write into the caller's array
+
+
+def _gallery_pieces(
+    train_X: np.ndarray | Features, train_y: np.ndarray | None, rows: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Gallery rows in order, in pieces of ``rows`` (the last may be shorter), cut from shards or joined
+    across them: fewer, larger pieces mean fewer top-k merges. A memory map is read one piece at a time."""
+    shards = [(train_X, train_y)] if isinstance(train_X, np.ndarray) else train_X.iter_shards()
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    have = 0
+    for X, y in shards:
+        start = 0
+        while start < len(y):
+            take = min(rows - have, len(y) - start)
+            xs.append(X[start : start + take])
+            ys.append(y[start : start + take])
+            have, start = have + take, start + take
+            if have == rows:
+                yield _join(xs), _join(ys)
+                xs, ys, have = [], [], 0
+    if have:
+        yield _join(xs), _join(ys)
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one part: stays a lazy memmap slice
+
+
+def _block_topk(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Top-k of each row of ``sims`` [b, g], ordered by (value desc, column asc); and the tie count.
+
+    ``torch.topk`` returns the right *values*, but among equal values at the k-th place it may pick any
+    columns. Taking k + 1 detects that case for free (the k-th and (k+1)-th values are equal); those
+    rows (rare: duplicated images) are redone with a stable full sort, the others have a unique top-k
+    set that only needs ordering.
+    """
+    g = sims.shape[1]
+    if k >= g:
+        v, cols = sims.sort(dim=1, descending=True, stable=True)
+        return v, cols, 0
+    v, i = sims.topk(k + 1, dim=1, sorted=False)
+    two_smallest = v.topk(2, dim=1, largest=False).values  # (k+1)-th and k-th largest of the row
+    tied = (two_smallest[:, 0] == two_smallest[:, 1]).nonzero().squeeze(1)
+    i, order = i.sort(dim=1)  # column order first, so the stable value sort breaks ties by column
+    v, order = v.gather(1, order).sort(dim=1, descending=True, stable=True)
+    v, i = v[:, :k].contiguous(), i.gather(1, order)[:, :k].contiguous()
+    if len(tied):
+        v_t, i_t = sims[tied].sort(dim=1, descending=True, stable=True)
+        v[tied], i[tied] = v_t[:, :k], i_t[:, :k]
+    return v, i, len(tied)
+
+
+def _merge(
+    vals: torch.Tensor, idx: torch.Tensor, new_v: torch.Tensor, new_i: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two (value desc, index asc)-ordered lists; every index in ``new_i`` exceeds those in ``idx``.
+
+    In the concatenation, equal values therefore appear in index order, and a stable sort keeps it.
+    """
+    cat_v, cat_i = torch.cat([vals, new_v], dim=1), torch.cat([idx, new_i], dim=1)
+    cat_v, order = cat_v.sort(dim=1, descending=True, stable=True)
+    return cat_v[:, :k], cat_i.gather(1, order)[:, :k]
+
+
+def _vote(
+    sims: torch.Tensor,
+    labels: torch.Tensor,
+    ks: tuple[int, ...],
+    n_classes: int,
+    temperature: float,
+    headline_k: int | None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Both votes at every k for one query block: ``{"pred"|"confidence"|"top5": {setting: array}}``.
+
+    ``ks`` ascend, so class scores accumulate segment by segment instead of being recounted per k.
+    """
+    b = len(sims)
+    weights = (sims.double() / temperature).exp()
+    weighted = torch.zeros(b, n_classes, dtype=torch.float64, device=sims.device)
+    counts = torch.zeros_like(weighted)
+    res: dict[str, dict[str, np.ndarray]] = {"pred": {}, "confidence": {}, "top5": {}}
+    prev = 0
+    for k in ks:
+        seg = labels[:, prev:k]
+        weighted.scatter_add_(1, seg, weights[:, prev:k])
+        counts.scatter_add_(1, seg, torch.ones_like(weights[:, prev:k]))
+        prev = k
+        for name, scores, total in (
+            (setting_name(k, "weighted"), weighted, weighted.sum(1)),
+            (setting_name(k, "uniform"), counts, torch.full((b,), float(k), device=sims.device)),
+        ):
+            best, pred = scores.max(dim=1)  # CPU and CUDA return the first maximal index: smallest label
+            res["pred"][name] = pred.cpu().numpy()
+            res["confidence"][name] = (best / total).float().cpu().numpy()
+        if k == headline_k:
+            res["top5"][setting_name(k, "weighted")] = _top5(weighted)
+    return res
+
+
+def _top5(scores: torch.Tensor) -> np.ndarray:
+    """``[b, 5]`` classes by (score desc, class asc); classes with zero score become -1."""
+    m = min(5, scores.shape[1])
+    fifth = scores.topk(m, dim=1).values[:, -1:]
+    above, at = scores > fifth, scores == fifth
+    # take every class above the 5th score, then the smallest labels tied with it until 5 are in
+    keep = above | (at & (at.cumsum(dim=1) <= m - above.sum(dim=1, keepdim=True)))
+    cls = keep.nonzero()[:, 1].view(-1, m)  # row-major: class ascending within each row
+    sc, order = scores.gather(1, cls).sort(dim=1, descending=True, stable=True)
+    cls = cls.gather(1, order)
+    return torch.where(sc > 0, cls, -1).cpu().numpy()
+
+
+def _acc(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(pred == y)) if len(y) else float("nan")

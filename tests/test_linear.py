@@ -1,0 +1,212 @@
+"""Linear probe: against sklearn, batch-size and streaming independence, determinism, k-fold, params."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from bobench.protocols import get_protocol, linear
+from bobench.protocols.base import ArrayFeatures, ProbeData
+
+N_CLASSES = 5
+TIGHT = {"tol": 1e-13, "max_iter": 2000}  # below float noise: stops where no decrease is measurable
+
+
+def _blobs(n: int, seed: int, d: int = 64, spread: float = 1.2) -> tuple[np.ndarray, np.ndarray]:
+    """Overlapping Gaussian blobs with uneven per-dimension offsets and scales (as raw features are)."""
+    layout = np.random.default_rng(1234)
+    means = layout.normal(size=(N_CLASSES, d)) * spread / np.sqrt(d) * 3
+    scales, offsets = layout.lognormal(0, 1, d), layout.normal(size=d) * 3
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, N_CLASSES, n)
+    return ((means[y] + rng.normal(size=(n, d))) * scales + offsets).astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def blobs() -> ProbeData:
+    (xtr, ytr), (xva, yva), (xte, yte) = _blobs(600, 1), _blobs(300, 2), _blobs(300, 3)
+    return ProbeData(ArrayFeatures(xtr, ytr), ArrayFeatures(xte, yte), ArrayFeatures(xva, yva), N_CLASSES)
+
+
+def _standardised(data: ProbeData) -> tuple[np.ndarray, np.ndarray]:
+    mean, scale = linear.standardization(data.train)
+    return ((data.train.X - mean) / scale), ((data.test.X - mean) / scale)
+
+
+def _sklearn(z: np.ndarray, y: np.ndarray, C: float) -> LogisticRegression:
+    return LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(z, y)
+
+
+def test_registered_and_chosen_accuracy_matches_sklearn(blobs: ProbeData) -> None:
+    assert get_protocol("linear") is linear.run
+    res = linear.run(blobs, {}, seed=0)
+    info = res.info
+    assert info["selection"] == "val" and len(info["Cs"]) == len(info["val_top1"]) == 10
+    assert info["C"] == info["Cs"][int(np.argmax(info["val_top1"]))]
+    ztr, zte = _standardised(blobs)
+    ref = _sklearn(ztr, blobs.train.y, info["C"]).score(zte, blobs.test.y)
+    top1 = {m.name: m.value for m in res.metrics}["top1"]
+    assert 0.6 < top1 < 0.99  # overlapping blobs: a real probe, neither trivial nor broken
+    assert abs(top1 - ref) <= 0.01
+    assert [m.name for m in res.metrics] == ["top1", "top5", "balanced_acc", "ece", "nll"]
+    pred = res.predictions
+    assert set(pred) == {"index", "label", "pred", "confidence", "setting"}
+    assert all(len(v) == blobs.test.n for v in pred.values())
+    assert np.mean(pred["pred"] == pred["label"]) == pytest.approx(top1)
+    assert set(pred["setting"]) == {f"C={info['C']:.4g}"}
+
+
+@pytest.mark.parametrize("C", [1e-2, 1.0])
+def test_probabilities_match_sklearn_at_fixed_C(blobs: ProbeData, C: float) -> None:
+    model = linear.fit_path(blobs.train, [C], N_CLASSES, **TIGHT)[0]
+    ztr, zte = _standardised(blobs)
+    ref = _sklearn(ztr, blobs.train.y, C)
+    probs = linear.predict_proba(model, blobs.test.X)
+    assert probs.shape == (blobs.test.n, N_CLASSES)
+    assert np.abs(probs - ref.predict_proba(zte)).max() < 1e-3
+
+
+def test_separable_features_are_solved() -> None:
+    rng = np.random.default_rng(0)
+    centres = np.eye(4, 16) * 10
+    y = rng.integers(0, 4, 400)
+    x = (centres[y] + rng.normal(size=(400, 16))).astype(np.float32)
+    data = ProbeData(ArrayFeatures(x[:200], y[:200]), ArrayFeatures(x[300:], y[300:]), None, 4)
+    res = linear.run(data, {}, seed=0)
+    assert {m.name: m.value for m in res.metrics}["top1"] >= 0.99
+
+
+def _same(a, b, atol: float) -> None:
+    assert a.info["C"] == b.info["C"]
+    np.testing.assert_array_equal(a.predictions["pred"], b.predictions["pred"])
+    np.testing.assert_allclose(a.predictions["confidence"], b.predictions["confidence"], atol=atol)
+    np.testing.assert_allclose(a.info["val_top1"], b.info["val_top1"], atol=1e-12)
+
+
+def test_batch_size_does_not_change_results(blobs: ProbeData) -> None:
+    streamed = {"memory_budget_gb": 1e-9}
+    small = linear.run(blobs, {**streamed, "batch_size": 7}, seed=0)
+    large = linear.run(blobs, {**streamed, "batch_size": 1000}, seed=0)
+    assert small.info["streamed"] and large.info["streamed"]
+    _same(small, large, atol=1e-4)
+    models = [linear.fit_path(blobs.train, [0.1], N_CLASSES, batch_size=bs, **TIGHT)[0] for bs in (7, 1000)]
+    np.testing.assert_allclose(
+        linear.predict_proba(models[0], blobs.test.X),
+        linear.predict_proba(models[1], blobs.test.X),
+        atol=1e-4,
+    )
+
+
+def test_streaming_matches_in_memory(blobs: ProbeData) -> None:
+    sharded = ProbeData(
+        ArrayFeatures(blobs.train.X, blobs.train.y, shard_size=97),
+        ArrayFeatures(blobs.test.X, blobs.test.y, shard_size=50),
+        ArrayFeatures(blobs.val.X, blobs.val.y, shard_size=64),
+        N_CLASSES,
+    )
+    streamed = linear.run(sharded, {"memory_budget_gb": 1e-9, "batch_size": 40}, seed=0)
+    in_memory = linear.run(blobs, {}, seed=0)
+    assert streamed.info["streamed"] and not in_memory.info["streamed"]
+    _same(streamed, in_memory, atol=1e-4)
+
+
+def test_deterministic_for_a_seed(blobs: ProbeData) -> None:
+    no_val = ProbeData(blobs.train, blobs.test, None, N_CLASSES)
+    a, b = (linear.run(no_val, {"num_C": 8}, seed=3) for _ in range(2))
+    assert [m.value for m in a.metrics] == [m.value for m in b.metrics]
+    for key in a.predictions:
+        np.testing.assert_array_equal(a.predictions[key], b.predictions[key])
+    assert a.info["val_top1"] == b.info["val_top1"] and a.info["C"] == b.info["C"]
+
+
+def test_kfold_selection_when_val_is_none(blobs: ProbeData) -> None:
+    no_val = ProbeData(blobs.train, blobs.test, None, N_CLASSES)
+    res = linear.run(no_val, {"Cs": [1e-3, 1e-2, 0.1, 1.0], "kfold": 4}, seed=0)
+    info = res.info
+    assert info["selection"] == "kfold" and len(info["val_top1"]) == 4
+    chosen = int(np.argmax(info["val_top1"]))
+    assert info["C"] == info["Cs"][chosen]
+    assert len(info["n_iter_path"]) == chosen + 1  # the refit walks the path up to the chosen C only
+    assert {m.name: m.value for m in res.metrics}["top1"] > 0.6
+    # The refit on all of train equals a direct fit at the chosen C.
+    direct = linear.fit_path(blobs.train, info["Cs"][: chosen + 1], N_CLASSES)[-1]
+    np.testing.assert_array_equal(
+        linear.predict_proba(direct, blobs.test.X).argmax(1), res.predictions["pred"]
+    )
+
+
+def test_stratified_folds_balance_classes() -> None:
+    labels = np.repeat(np.arange(3), [30, 7, 2])
+    folds = linear._stratified_folds(labels, 3, seed=0)
+    for c, count in zip(range(3), [30, 7, 2], strict=True):
+        per_fold = np.bincount(folds[labels == c], minlength=3)
+        assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == count
+    assert not np.array_equal(folds, linear._stratified_folds(labels, 3, seed=1))
+
+
+def test_class_absent_from_train_is_never_predicted(blobs: ProbeData) -> None:
+    keep = blobs.train.y != 3
+    data = ProbeData(
+        ArrayFeatures(blobs.train.X[keep], blobs.train.y[keep]), blobs.test, blobs.val, N_CLASSES
+    )
+    res = linear.run(data, {"num_C": 8}, seed=0)
+    assert 3 not in set(res.predictions["pred"])
+    model = linear.fit_path(data.train, [0.1], N_CLASSES)[0]
+    probs = linear.predict_proba(model, blobs.test.X)
+    assert probs.shape[1] == N_CLASSES and np.all(probs[:, 3] == 0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+
+
+def test_select_prefers_stronger_regularisation_on_ties() -> None:
+    assert linear.select([0.5, 0.8, 0.8, 0.7]) == 1
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"lr": 0.1}, r"unknown linear-probe parameter\(s\) \['lr'\]; allowed: Cs, C_min"),
+        ({"Cs": [0.1, 1], "num_C": 5}, "either Cs or num_C"),
+        ({"Cs": [0.1, -1]}, "positive"),
+        ({"Cs": []}, "non-empty"),
+        ({"C_min": 10, "C_max": 1}, "must not exceed"),
+        ({"tol": 0}, "tol must be a positive number"),
+        ({"max_iter": 1.5}, "max_iter must be an integer"),
+        ({"batch_size": True}, "batch_size must be an integer"),
+        ({"kfold": 1}, "kfold must be an integer >= 2"),
+        ({"metrics": ["top_1"]}, "Did you mean: top1"),
+        ({"num_C": 0}, "num_C must be an integer >= 1"),
+        ({"device": "mps"}, "MPS lacks"),
+    ],
+)
+def test_bad_params(blobs: ProbeData, params: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        linear.run(blobs, params, seed=0)
+
+
+def test_labels_out_of_range(blobs: ProbeData) -> None:
+    data = ProbeData(blobs.train, blobs.test, blobs.val, n_classes=3)
+    with pytest.raises(ValueError, match=r"train labels must lie in \[0, 3\)"):
+        linear.run(data, {}, seed=0)
+
+
+@pytest.mark.slow
+def test_real_feature_files(tmp_path) -> None:
+    from bobench import create_backbone, load_dataset
+    from bobench.features import ExtractOptions, FeatureStore
+
+    store = FeatureStore(tmp_path)
+    backbone = create_backbone("random/mobilenetv2_100")
+    options = ExtractOptions(image_size=32, num_workers=0, progress=False, shard_size=256)
+    train, test = (
+        store.get_or_extract(backbone, load_dataset("digits", s), options) for s in ("train", "test")
+    )
+    assert len(train.manifest["shards"]) > 1  # several memory-mapped shards to stream
+    data = ProbeData(train, test, None, n_classes=10)
+    params = {"Cs": [1e-3, 1e-2, 1e-1], "kfold": 3, "batch_size": 100}
+    in_memory = linear.run(data, params, seed=0)
+    streamed = linear.run(data, {**params, "memory_budget_gb": 1e-9}, seed=0)
+    assert streamed.info["streamed"] and not in_memory.info["streamed"]
+    # Same chunks (multiples of batch_size, across the 256-row shard files): the very same numbers.
+    _same(streamed, in_memory, atol=0)
+    assert {m.name: m.value for m in in_memory.metrics}["top1"] > 0.5  # random-init features work on digits
