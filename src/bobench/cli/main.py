@@ -40,6 +40,14 @@ def _echo_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
 
+def _emit(rows: list[dict[str, Any]], columns: list[str], title: str, as_json: bool) -> None:
+    """Print ``rows`` as JSON or as a table of ``columns``."""
+    if as_json:
+        _echo_json(rows)
+    else:
+        _table(rows, columns, title)
+
+
 def _table(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -71,10 +79,9 @@ def backbones_list(
         if (family is None or r.get("family") == family)
         and (method is None or r.get("pretraining") == method)
     ]
-    if as_json:
-        _echo_json(rows)
-    else:
-        _table(rows, ["name", "spec", "family", "pretraining", "pretraining_data", "license"], "backbones")
+    _emit(
+        rows, ["name", "spec", "family", "pretraining", "pretraining_data", "license"], "backbones", as_json
+    )
 
 
 @backbones_app.command("show")
@@ -104,10 +111,8 @@ def datasets_list(as_json: Annotated[bool, typer.Option("--json", help="Print JS
     from bobench.data import list_datasets
 
     rows = list_datasets()
-    if as_json:
-        _echo_json(rows)
-    else:
-        _table(rows, list(rows[0]) if rows else ["name"], "datasets")
+    _emit(rows, list(rows[0]) if rows else ["name"], "datasets", as_json)
+    if not as_json:
         typer.echo("Also: imagefolder:/path/to/root, csv:/path/manifest.csv, or a dataset YAML file.")
 
 
@@ -197,10 +202,7 @@ def tasks_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.
     from bobench.task import list_tasks
 
     rows = list_tasks()
-    if as_json:
-        _echo_json(rows)
-    else:
-        _table(rows, ["name", "version", "dataset", "protocol", "primary", "description"], "tasks")
+    _emit(rows, ["name", "version", "dataset", "protocol", "primary", "description"], "tasks", as_json)
 
 
 @tasks_app.command("suites")
@@ -209,10 +211,7 @@ def suites_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
     from bobench.task import list_suites
 
     rows = list_suites()
-    if as_json:
-        _echo_json(rows)
-    else:
-        _table(rows, ["name", "backbones", "tasks", "description"], "suites")
+    _emit(rows, ["name", "backbones", "tasks", "description"], "suites", as_json)
 
 
 # -- battles -----------------------------------------------------------------------------------------
