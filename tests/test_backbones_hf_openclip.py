@@ -330,7 +330,10 @@ def test_hf_hub_id_offline_fails_fast(offline: dict) -> None:
 def test_open_clip_tag_offline_fails_fast_naming_the_file(offline: dict) -> None:
     r = offline["open_clip"]
     assert r["error"] == "WeightsUnavailableError" and r["seconds"] < 5 and offline["seconds"] < 20
-    assert "huggingface.co/timm/vit_base_patch32_clip_224.openai/resolve/main/open_clip_model.safetensors" in r["message"]
+    assert (
+        "huggingface.co/timm/vit_base_patch32_clip_224.openai/resolve/main/open_clip_model.safetensors"
+        in r["message"]
+    )
     assert "weights=PATH" in r["message"]
 
 
