@@ -216,7 +216,8 @@ class FeatureStore:
         """Return cached features, extracting (or resuming) whatever is missing first.
 
         Args:
-            backbone: a :class:`~bobench.backbones.base.Backbone`.
+            backbone: a :class:`~bobench.backbones.base.Backbone`. When features must be extracted it is
+                moved to the chosen device (and to channels_last memory format for CNNs) and left there.
             dataset: an :class:`~bobench.data.ImageDataset` (its transform is not modified).
             options: see :class:`ExtractOptions`.
         """
