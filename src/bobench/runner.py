@@ -105,8 +105,14 @@ def _protocol_params(task: TaskConfig, device: str) -> dict[str, Any]:
     from bobench.protocols import PROTOCOLS
 
     params = dict(task.params)
-    if PROTOCOLS[task.protocol].meta.get("accepts_device") and "device" not in params:
-        params["device"] = device  # probes run where the features were extracted, unless the task says
+    # probes run on the device the features came from, unless the task says otherwise; after MPS
+    # extraction each probe keeps its own default, as MPS lacks the float64 the linear solver needs
+    if (
+        PROTOCOLS[task.protocol].meta.get("accepts_device")
+        and "device" not in params
+        and not device.startswith("mps")
+    ):
+        params["device"] = device
     return params
 
 
