@@ -8,12 +8,13 @@ return a :class:`ProtocolResult`. Each protocol module exposes ``run(data, param
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
+from bobench.registry import suggest
 from bobench.store import Metric
 
 
@@ -103,6 +104,24 @@ class ProtocolResult:
     metrics: list[Metric]
     predictions: dict[str, np.ndarray] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def check_param_keys(params: Mapping[str, Any], allowed: Sequence[str], what: str) -> None:
+    """Raise ValueError naming every key of ``params`` that is not in ``allowed`` (with a suggestion)."""
+    unknown = [k for k in params if k not in allowed]
+    if unknown:
+        hint = suggest(str(unknown[0]), [str(a) for a in allowed])
+        raise ValueError(f"unknown {what} parameter(s) {unknown}; allowed: {', '.join(allowed)}.{hint}")
+
+
+def is_int(x: Any) -> bool:
+    """An integer parameter value (numpy integers yes, bools no)."""
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def is_positive_number(x: Any) -> bool:
+    """A finite number > 0 (bools no)."""
+    return not isinstance(x, bool) and isinstance(x, int | float) and 0 < x < float("inf")
 
 
 class ProtocolFn(Protocol):

@@ -33,7 +33,15 @@ import numpy as np
 
 from bobench.metrics import top1
 from bobench.protocols import knn, linear
-from bobench.protocols.base import ArrayFeatures, Features, ProbeData, ProtocolResult
+from bobench.protocols.base import (
+    ArrayFeatures,
+    Features,
+    ProbeData,
+    ProtocolResult,
+    check_param_keys,
+    is_int,
+    is_positive_number,
+)
 from bobench.store import Metric
 
 DEFAULT_PARAMS: dict[str, Any] = {
@@ -174,20 +182,18 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
 
 
 def _validate(params: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
-    if unknown:
-        raise ValueError(f"unknown few-shot parameter(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}")
+    check_param_keys(params, list(DEFAULT_PARAMS), "few-shot")
     p = {**DEFAULT_PARAMS, **params}
     shots = p["shots"]
-    if isinstance(shots, int) or not shots or not all(_is_int(n) and n >= 1 for n in shots):
+    if isinstance(shots, int) or not shots or not all(is_int(n) and n >= 1 for n in shots):
         raise ValueError(f"few-shot parameter 'shots' must be a non-empty list of ints >= 1, got {shots!r}")
-    if not _is_int(p["n_seeds"]) or p["n_seeds"] < 1:
+    if not is_int(p["n_seeds"]) or p["n_seeds"] < 1:
         raise ValueError(f"few-shot parameter 'n_seeds' must be an int >= 1, got {p['n_seeds']!r}")
     for key in ("linear", "knn"):
         if not isinstance(p[key], Mapping):
             raise ValueError(f"few-shot parameter {key!r} must be a mapping of params, got {p[key]!r}")
     C = p["fixed_C"]
-    if isinstance(C, bool) or not isinstance(C, int | float) or not 0 < C < float("inf"):
+    if not is_positive_number(C):
         raise ValueError(f"few-shot parameter 'fixed_C' must be a positive number, got {C!r}")
     p["shots"] = tuple(sorted({int(n) for n in shots}))
     p["knn"] = {**DEFAULT_PARAMS["knn"], **p["knn"]}
@@ -195,10 +201,6 @@ def _validate(params: Mapping[str, Any]) -> dict[str, Any]:
     knn.resolve_params(p["knn"])  # fail before any fit, naming the bad key
     linear.resolve_params(p["linear"])
     return p
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
 def _gather(features: Features, index: np.ndarray) -> ArrayFeatures:

@@ -42,7 +42,14 @@ import torch
 
 from bobench.device import resolve_placement
 from bobench.metrics import balanced_acc_of_predictions
-from bobench.protocols.base import Features, ProbeData, ProtocolResult
+from bobench.protocols.base import (
+    Features,
+    ProbeData,
+    ProtocolResult,
+    check_param_keys,
+    is_int,
+    is_positive_number,
+)
 from bobench.store import Metric
 
 DEFAULT_KS = (1, 10, 20, 50, 100, 200)
@@ -260,17 +267,15 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
 
 def resolve_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """Validate kNN ``params`` over :data:`DEFAULT_PARAMS`; an unknown key or bad value raises ValueError."""
-    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
-    if unknown:
-        raise ValueError(f"unknown kNN parameter(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}")
+    check_param_keys(params, list(DEFAULT_PARAMS), "kNN")
     p = {**DEFAULT_PARAMS, **params}
     ks, bs = p["ks"], p["block_size"]
-    if isinstance(ks, int | str) or not ks or not all(_is_int(k) and k >= 1 for k in ks):
+    if isinstance(ks, int | str) or not ks or not all(is_int(k) and k >= 1 for k in ks):
         raise ValueError(f"kNN parameter 'ks' must be a non-empty list of ints >= 1, got {ks!r}")
-    if not _is_int(bs) or bs < 1:
+    if not is_int(bs) or bs < 1:
         raise ValueError(f"kNN parameter 'block_size' must be an int >= 1, got {bs!r}")
     for key in ("temperature", "memory_budget_gb"):
-        if isinstance(p[key], bool) or not isinstance(p[key], int | float) or not 0 < p[key] < float("inf"):
+        if not is_positive_number(p[key]):
             raise ValueError(f"kNN parameter {key!r} must be a positive number, got {p[key]!r}")
     p["ks"], p["temperature"], p["memory_budget_gb"] = (
         tuple(ks),
@@ -281,10 +286,6 @@ def resolve_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # -- internals ----------------------------------------------------------------------------------------
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:

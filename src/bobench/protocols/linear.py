@@ -43,7 +43,15 @@ import torch
 
 from bobench.metrics import DEFAULT as DEFAULT_METRICS
 from bobench.metrics import check_metric_names, classification_metrics
-from bobench.protocols.base import ArrayFeatures, Features, ProbeData, ProtocolResult
+from bobench.protocols.base import (
+    ArrayFeatures,
+    Features,
+    ProbeData,
+    ProtocolResult,
+    check_param_keys,
+    is_int,
+    is_positive_number,
+)
 
 __all__ = ["DEFAULTS", "LinearModel", "default_Cs", "fit_path", "predict_proba"]
 __all__ += ["resolve_params", "run", "select", "standardization"]
@@ -417,19 +425,16 @@ def resolve_params(params: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         ValueError: an unknown key (naming the allowed ones), or a value of the wrong type or range.
     """
-    allowed = ["Cs", *DEFAULTS]
-    unknown = [k for k in params if k not in allowed]
-    if unknown:
-        raise ValueError(f"unknown linear-probe parameter(s) {unknown}; allowed: {', '.join(allowed)}")
+    check_param_keys(params, ["Cs", *DEFAULTS], "linear-probe")
     grid = [k for k in ("C_min", "C_max", "num_C") if k in params]
     if "Cs" in params and grid:
         raise ValueError(f"give either Cs or {'/'.join(grid)}, not both")
     p = {**DEFAULTS, **params}
     for key, low in (("num_C", 1), ("max_iter", 1), ("kfold", 2), ("batch_size", 1)):
-        if isinstance(p[key], bool) or not isinstance(p[key], int | np.integer) or p[key] < low:
+        if not is_int(p[key]) or p[key] < low:
             raise ValueError(f"{key} must be an integer >= {low}, got {p[key]!r}")
     for key in ("C_min", "C_max", "tol", "memory_budget_gb"):
-        if isinstance(p[key], bool) or not isinstance(p[key], int | float) or not 0 < p[key] < float("inf"):
+        if not is_positive_number(p[key]):
             raise ValueError(f"{key} must be a positive number, got {p[key]!r}")
     if "Cs" in params:
         p["Cs"] = _check_Cs(np.unique(np.asarray(params["Cs"], dtype=np.float64)))
