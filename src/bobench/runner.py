@@ -228,39 +228,34 @@ def record(store: ResultStore, out: CellOutcome) -> None:
     """Write one outcome to the store (and its per-sample predictions to Parquet beside it)."""
     pc = out.planned
     config = {**pc.config, "info": out.info} if out.info else pc.config
-    if out.status == "ok":
-        if out.predictions is not None:
-            import pandas as pd
+    if out.status == "ok" and out.predictions is not None:
+        import pandas as pd
 
-            path = _predictions_path(store, pc)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            pd.DataFrame(out.predictions).to_parquet(tmp, index=False)
-            tmp.replace(path)
-            config = {**config, "predictions": str(path)}
+        path = _predictions_path(store, pc)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        pd.DataFrame(out.predictions).to_parquet(tmp, index=False)
+        tmp.replace(path)
+        config = {**config, "predictions": str(path)}
+    common = {
+        "config": config,
+        "card": out.card,
+        "device": out.device,
+        "dtype": out.dtype,
+        "wall_time_s": out.wall_time_s,
+    }
+    if out.status == "ok":
         store.record(
             pc.cell,
             out.metrics,
-            config=config,
-            card=out.card,
-            device=out.device,
-            dtype=out.dtype,
-            wall_time_s=out.wall_time_s,
+            **common,
             img_per_s=out.img_per_s,
             peak_mem_mb=out.peak_mem_mb,
             n_train=out.n_train,
             n_test=out.n_test,
         )
     else:
-        store.record_failure(
-            pc.cell,
-            out.error,
-            config=config,
-            card=out.card,
-            device=out.device,
-            dtype=out.dtype,
-            wall_time_s=out.wall_time_s,
-        )
+        store.record_failure(pc.cell, out.error, **common)
 
 
 @dataclass

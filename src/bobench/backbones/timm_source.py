@@ -35,7 +35,7 @@ def _global_pool(model: nn.Module) -> str:
     return gp or "avg"
 
 
-def _family(model: nn.Module, plain: bool) -> str:
+def _family(model: nn.Module) -> str:
     has_attn = any(name.endswith("attn") for name, _ in model.named_modules())
     if has_attn and hasattr(model, "patch_embed"):
         return "vit"
@@ -118,10 +118,10 @@ def build(name: str, *, pretrained: bool) -> TimmBackbone:
     cfg = model.pretrained_cfg
     head = model.get_classifier() if model.num_classes else None
     params = count_params(model) - (count_params(head) if isinstance(head, nn.Module) else 0)
-    plain_pool = _POOL.get(_global_pool(model), "model")
-    family = _family(model, plain)
-    if plain_pool == "avg" and family != "cnn":
-        plain_pool = "mean"
+    pool = _POOL.get(_global_pool(model), "model")
+    family = _family(model)
+    if pool == "avg" and family != "cnn":
+        pool = "mean"
     card = BackboneCard(
         name=f"timm:{name}",
         source="timm",
@@ -129,7 +129,7 @@ def build(name: str, *, pretrained: bool) -> TimmBackbone:
         family=family,  # type: ignore[arg-type]
         params=params,
         embed_dim=int(getattr(model, "head_hidden_size", None) or model.num_features),
-        pool=plain_pool,  # type: ignore[arg-type]
+        pool=pool,  # type: ignore[arg-type]
         pretrained=pretrained,
         input_size=tuple(cfg.get("input_size", (3, 224, 224))),
         mean=tuple(cfg.get("mean")),
