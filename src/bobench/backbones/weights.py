@@ -71,8 +71,9 @@ def verify_sha256(path: Path, expected: str | None) -> str:
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint as a flat ``{name: tensor}`` dict.
 
-    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``
-    (a checkpoint that needs arbitrary pickled code is refused). Common wrappers (``state_dict``,
+    ``.safetensors`` files are read with safetensors; TorchScript archives by a restricted reader that
+    executes none of their code; anything else with ``torch.load(weights_only=True)`` (a checkpoint that
+    needs arbitrary pickled code is refused). Common wrappers (``state_dict``,
     ``model``, ...) are unwrapped and a DistributedDataParallel ``module.`` prefix is stripped.
 
     Raises:
@@ -83,6 +84,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsError(
             f"weights file {path} does not exist; pass the path of a .safetensors or .pth file"
         )
+    from bobench.backbones.torchscript import is_torchscript_archive, read_torchscript_state_dict
+
+    if is_torchscript_archive(path):  # e.g. SSCD's releases: read the tensors, run none of its code
+        return read_torchscript_state_dict(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
