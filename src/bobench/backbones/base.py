@@ -117,6 +117,9 @@ class Backbone(nn.Module):
     #: ``image_size`` override in :meth:`preprocess` is then ignored, and the size actually used is
     #: what the resolved preprocessing (and so the feature-cache key) records
     fixed_input_size: bool = False
+    #: input sides must be a multiple of this (e.g. 64 for Stable Diffusion's VAE + UNet); an
+    #: ``image_size`` override in :meth:`preprocess` is rounded up to it
+    input_multiple: int = 1
 
     def __init__(self, model: nn.Module, card: BackboneCard, feature_info: Sequence[FeatureInfo]) -> None:
         super().__init__()
@@ -167,11 +170,13 @@ class Backbone(nn.Module):
         Args:
             train: training augmentation (random resized crop + flip) instead of resize + centre crop.
             image_size: override the card's input size (e.g. small images in tests); mean, std,
-                interpolation and crop stay the card's. Ignored for ``fixed_input_size`` models.
+                interpolation and crop stay the card's. Ignored for ``fixed_input_size`` models,
+                rounded up to a multiple of ``input_multiple``.
         """
         c, h, w = self.card.input_size
         if image_size is not None and not self.fixed_input_size:
-            h = w = int(image_size)
+            m = max(1, int(self.input_multiple))
+            h = w = -(-int(image_size) // m) * m
         return {
             "train": bool(train),
             "input_size": [c, h, w],
