@@ -290,6 +290,23 @@ class FeatureStore:
         _atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
         return FeatureSet(key, folder, manifest, cache_hit=not indices)
 
+    @staticmethod
+    def _overlapped(loader, forward) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(features on the CPU, labels)`` per batch, one batch behind the device.
+
+        Copying a batch's features to the host waits for the device; doing it after the next batch's
+        forward is queued keeps an accelerator busy during the copy and the host's bookkeeping (on
+        the CPU it changes nothing).
+        """
+        pending = None
+        for x, y in loader:
+            emb = forward(x)
+            if pending is not None:
+                yield pending[0].cpu(), pending[1]
+            pending = (emb, y)
+        if pending is not None:
+            yield pending[0].cpu(), pending[1]
+
     def _run(self, backbone, ds, indices, todo, size, n, options, placement):
         """Yield ``(shard index, features, labels)`` for each shard in ``todo``, in order."""
         from torch.utils.data import DataLoader, Subset
@@ -330,8 +347,8 @@ class FeatureStore:
                     for chunk in x.split(fwd_bs):
                         chunk = chunk.to(placement.device, non_blocking=True, memory_format=memory_format)
                         with placement.autocast_context():
-                            outs.append(model.embed(chunk).float().cpu())
-                    return torch.cat(outs)
+                            outs.append(model.embed(chunk).float())
+                    return torch.cat(outs) if len(outs) > 1 else outs[0]
                 except (torch.OutOfMemoryError, RuntimeError) as exc:
                     if not _is_oom(exc) or fwd_bs == 1:
                         raise
@@ -345,8 +362,7 @@ class FeatureStore:
                 f"extract {backbone.card.name}", total=len(indices), enabled=options.progress
             ) as bar,
         ):
-            for x, y in loader:
-                emb = forward(x)
+            for emb, y in self._overlapped(loader, forward):
                 if emb.shape[-1] != dim:
                     raise RuntimeError(
                         f"{backbone.card.name}.embed returned dim {emb.shape[-1]}, card says {dim}"
