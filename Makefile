@@ -26,11 +26,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/bobench demo
 
+# two steps: the suite, then the zoo's >150M-parameter backbones (ViT-L, ConvNeXt-XL, SD, ...) alone
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not heavy"
+	$(PY) -m pytest -q -m heavy
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not heavy"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(CODE)

