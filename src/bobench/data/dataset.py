@@ -21,11 +21,16 @@ from bobench.data.spec import DatasetSpec
 
 
 class FileSource:
-    """Images stored as files: paths relative to ``root`` (or absolute), decoded on demand."""
+    """Images stored as files: paths relative to ``root`` (or absolute), decoded on demand.
 
-    def __init__(self, root: str, paths: Sequence[str]) -> None:
+    ``boxes`` (``[N, 4]`` ``x0, y0, x1, y1`` pixels, NaN rows for none) crops an image as it is loaded,
+    e.g. the query regions of the revisitop protocol.
+    """
+
+    def __init__(self, root: str, paths: Sequence[str], boxes: np.ndarray | None = None) -> None:
         self.root = root
         self._paths = PathTable(paths)
+        self._boxes = boxes
 
     def item_id(self, i: int) -> str:
         return self._paths[i]
@@ -34,7 +39,11 @@ class FileSource:
         return os.path.join(self.root, self._paths[i])
 
     def load(self, i: int) -> Image.Image:
-        return open_rgb(self.path(i))
+        img = open_rgb(self.path(i))
+        if self._boxes is not None and not np.isnan(self._boxes[i]).any():
+            x0, y0, x1, y1 = (float(v) for v in self._boxes[i])
+            img = img.crop((round(x0), round(y0), round(x1), round(y1)))
+        return img
 
 
 class ArraySource:
@@ -69,6 +78,7 @@ class ImageDataset(Dataset):
             :func:`bobench.data.load_dataset` for exactly what is covered).
         skipped: ``(item, reason)`` for each image dropped by ``skip_bad_images``.
         transform: applied to the PIL image in ``__getitem__``; may be replaced at any time.
+        extras: protocol data from the reader beside class labels (e.g. ``retrieval_gt``); ``{}``.
 
     Example:
         >>> from bobench.data import load_dataset
@@ -87,8 +97,10 @@ class ImageDataset(Dataset):
         source: FileSource | ArraySource,
         skipped: Sequence[tuple[str, str]] = (),
         transform: Callable[[Image.Image], Any] | None = None,
+        extras: dict[str, Any] | None = None,
     ) -> None:
         self.spec = spec
+        self.extras = dict(extras or {})
         self.split = split
         self.classes = list(classes)
         self.targets = np.asarray(targets, dtype=np.int64)

@@ -161,6 +161,26 @@ def _build_patches13() -> EmbeddedArrays:
     )
 
 
+# Corrupted copies of patches13 (bobench.data.corruptions): kind -> what the catalog says was done.
+_PATCHES13_CORRUPTIONS: dict[str, str] = {
+    "blur": "Gaussian blur (sigma 1.5 px)",
+    "noise": "Gaussian noise (std 0.12 of the range, seeded per image)",
+    "color": "a 60 degree hue rotation",
+    "jpeg": "JPEG compression at quality 10",
+}
+
+
+def _build_patches13_corrupted(kind: str) -> EmbeddedArrays:
+    """patches13 with corruption ``kind`` applied to every crop; same classes, labels, splits, boxes."""
+    from bobench.data.corruptions import apply  # Pillow (jpeg) loads only when one is built
+
+    clean = build_embedded("patches13")
+    images = apply(kind, clean.images, seed=_SEED)
+    return EmbeddedArrays(
+        f"patches13-{kind}", clean.classes, images, clean.targets, clean.splits, clean.boxes
+    )
+
+
 def _digit_arrays(name: str, images: np.ndarray, labels: np.ndarray) -> EmbeddedArrays:
     classes = tuple(str(d) for d in range(10))
     targets = labels.astype(np.int64)
@@ -228,6 +248,20 @@ CATALOG: dict[str, EmbeddedInfo] = {
             "scikit-image skimage.data (11 images) and scikit-learn load_sample_images (china, flower)",
             "; ".join(f"{n}: {lic}" for n, lic in _SKIMAGE_SOURCES + _SKLEARN_SOURCES),
             _build_patches13,
+        ),
+        *(
+            EmbeddedInfo(
+                f"patches13-{kind}",
+                f"patches13 with {what} applied to every crop: same images, classes and splits, so its "
+                "test split is an OOD set for a probe trained on patches13 (after ImageNet-C, one severity)",
+                13,
+                {"train": 468, "val": 156, "test": 156},
+                PATCH,
+                "patches13, corrupted by bobench.data.corruptions",
+                "as patches13: " + "; ".join(f"{n}: {lic}" for n, lic in _SKIMAGE_SOURCES + _SKLEARN_SOURCES),
+                functools.partial(_build_patches13_corrupted, kind),
+            )
+            for kind, what in _PATCHES13_CORRUPTIONS.items()
         ),
         EmbeddedInfo(
             "mnist5k",

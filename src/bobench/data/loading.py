@@ -72,10 +72,14 @@ def load_dataset(
             from bobench.data.folder import read_imagefolder
 
             items = read_imagefolder(spec, split)
-        else:
+        elif spec.kind == "csv":
             from bobench.data.csvfile import read_csv_manifest
 
             items = read_csv_manifest(spec, split)
+        else:
+            from bobench.data.readers import READERS
+
+            items = READERS.load(spec.kind)(spec, split)
         dataset = _load_files(spec, split, items, transform)
     if len(dataset) == 0:
         skipped = f" ({dataset.n_skipped} unreadable images were skipped)" if dataset.n_skipped else ""
@@ -128,8 +132,28 @@ def _load_files(
         label = int(items.targets[i])
         hasher.add_file(rel, info.st_size, info.st_mtime_ns, label)
         keep.append(i)
-    source = FileSource(items.root, [items.paths[i] for i in keep])
-    targets = items.targets[np.array(keep, dtype=np.int64)]
+    index = np.array(keep, dtype=np.int64)
+    boxes = None
+    if items.boxes is not None:
+        if skipped:
+            raise DatasetError(
+                f"{spec.kind} dataset {spec.path}: skip_bad_images cannot drop items of a split with crop "
+                "boxes (the protocol's ground truth refers to every item); fix or replace the bad images."
+            )
+        boxes = np.asarray(items.boxes, dtype=np.float64)[index]
+        hasher.add_json("boxes", [[None if np.isnan(v) else float(v) for v in row] for row in boxes])
+    if items.extras:
+        hasher.add_json("extras", items.extras)
+    source = FileSource(items.root, [items.paths[i] for i in keep], boxes=boxes)
+    targets = items.targets[index]
     return ImageDataset(
-        spec, split, items.classes, targets, hasher.hexdigest(), source, skipped=skipped, transform=transform
+        spec,
+        split,
+        items.classes,
+        targets,
+        hasher.hexdigest(),
+        source,
+        skipped=skipped,
+        transform=transform,
+        extras=items.extras,
     )

@@ -27,6 +27,10 @@ class FileItems:
             items), or ``None`` when folders or a CSV column define the split.
         manifest: the CSV file the items came from, for error messages; ``None`` for folders.
         lines: ``[N]`` CSV line numbers, for error messages; ``None`` for folders.
+        boxes: ``[N, 4]`` float crop boxes ``(x0, y0, x1, y1)`` in pixels applied when an image is
+            loaded (NaN rows: no crop), e.g. revisitop's query regions; ``None``: no crops.
+        extras: protocol data a reader provides beside class labels (e.g. ``retrieval_gt``), handed
+            to protocols as ``ProbeData.extras``; must be JSON-serialisable (it is hashed).
     """
 
     root: str
@@ -36,6 +40,8 @@ class FileItems:
     split_params: dict | None
     manifest: str | None = None
     lines: np.ndarray | None = None
+    boxes: np.ndarray | None = None
+    extras: dict | None = None
 
     def where(self, i: int) -> str:
         """Where item ``i`` was declared, for error messages."""
@@ -92,6 +98,10 @@ class ManifestHasher:
         self._sha.update(repr((images.shape, str(images.dtype))).encode("utf-8"))
         self._sha.update(np.ascontiguousarray(images).data)
         self._sha.update(np.ascontiguousarray(labels, dtype="<i8").data)
+
+    def add_json(self, tag: str, obj: object) -> None:
+        """Anything else that defines the split's content (crop boxes, ground truth), as JSON."""
+        self._sha.update(f"{tag}\0".encode() + json.dumps(obj, sort_keys=True).encode("utf-8") + b"\n")
 
     def hexdigest(self) -> str:
         """The sha256 hex digest of everything added so far."""

@@ -5,6 +5,8 @@ String grammar (options after ``?`` as ``key=value&...``)::
     patches13 | mnist5k | digits                  embedded datasets (also ``embedded:NAME``)
     imagefolder:/data/pets?val_fraction=0.2       a folder of class folders (optionally split folders)
     csv:/data/pets/manifest.csv                   a ``path,label[,split]`` manifest
+    revisitop:/data/roxford5k                     a published layout read by a registered reader
+                                                  (:mod:`bobench.data.readers`); reader options after ``?``
     /data/pets                                    an existing folder -> imagefolder
     /data/pets/manifest.csv                       a path ending ``.csv`` -> csv
     /data/pets.yaml                               a mapping with the fields below; ``path`` is relative
@@ -22,9 +24,10 @@ from typing import Any
 
 from bobench.data.embedded import CATALOG
 from bobench.data.errors import DatasetError
+from bobench.data.readers import READERS, reader_options
 from bobench.registry import suggest
 
-KINDS: tuple[str, ...] = ("imagefolder", "csv", "embedded")
+KINDS: tuple[str, ...] = ("imagefolder", "csv", "embedded", *READERS)
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -43,6 +46,8 @@ class DatasetSpec:
         skip_bad_images: check every image header at load time and drop unreadable ones (counted in
             ``ImageDataset.n_skipped``) instead of failing when one is read.
         classes: declared class list, in label-index order; a label outside it is an error.
+        options: reader-specific options (``(key, value)`` pairs, sorted), e.g. ``domain=real`` for
+            ``visda``; only the keys the kind's reader declares are accepted.
 
     Embedded datasets have fixed splits, so they reject non-default ``val_fraction``, ``test_fraction``
     and ``seed`` rather than silently ignoring them.
@@ -56,6 +61,11 @@ class DatasetSpec:
     seed: int = 0
     skip_bad_images: bool = False
     classes: tuple[str, ...] | None = None
+    options: tuple[tuple[str, str], ...] = ()
+
+    def option(self, key: str, default: str | None = None) -> str | None:
+        """The reader option ``key`` (see :mod:`bobench.data.readers`), or ``default``."""
+        return dict(self.options).get(key, default)
 
     def __post_init__(self) -> None:
         if self.classes is not None and not isinstance(self.classes, tuple):
@@ -129,6 +139,7 @@ class DatasetSpec:
         """Plain-data form (``classes`` as a list) that :meth:`parse` turns back into an equal spec."""
         out = asdict(self)
         out["classes"] = list(self.classes) if self.classes is not None else None
+        out["options"] = dict(self.options)
         return out
 
 
@@ -205,6 +216,18 @@ def _parse_query(query: str, origin: str) -> dict[str, Any]:
 
 
 def _from_mapping(data: dict[str, Any], origin: str, base: Path | None) -> DatasetSpec:
+    data = dict(data)
+    allowed_options = reader_options(str(data.get("kind")))
+    nested = data.pop("options", None) or {}
+    if not isinstance(nested, Mapping):
+        raise DatasetError(f"{origin}: 'options' must be a mapping of reader options.")
+    options = {**nested, **{k: data.pop(k) for k in list(data) if k in allowed_options}}
+    bad = [k for k in options if k not in allowed_options]
+    if bad:
+        raise DatasetError(
+            f"{origin}: option {bad[0]!r} is not one the {data.get('kind')} reader takes; it takes "
+            f"{', '.join(allowed_options) or 'none'}."
+        )
     unknown = [k for k in data if k not in _FIELDS]
     if unknown:
         key = str(unknown[0])
@@ -231,6 +254,8 @@ def _from_mapping(data: dict[str, Any], origin: str, base: Path | None) -> Datas
     if name is None:  # a display name; a missing path is reported by DatasetSpec itself
         name = "" if path is None else Path(path).stem if kind == "csv" else os.path.basename(path)
     kwargs: dict[str, Any] = {"kind": str(kind), "name": str(name), "path": path}
+    if options:
+        kwargs["options"] = tuple(sorted((str(k), str(v)) for k, v in options.items()))
     try:
         for key in ("val_fraction", "test_fraction"):
             if key in data:
