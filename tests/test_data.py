@@ -562,7 +562,10 @@ def test_list_datasets_imports_no_torch() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "['digits', 'mnist5k', 'patches13', 'patches13-blur', 'patches13-color', 'patches13-jpeg', 'patches13-noise']"
+    assert (
+        out.stdout.strip()
+        == "['digits', 'mnist5k', 'patches13', 'patches13-blur', 'patches13-color', 'patches13-jpeg', 'patches13-noise']"
+    )
 
 
 def test_list_datasets_fields() -> None:

@@ -5,6 +5,10 @@ Every metric takes ``probs [N, C]`` (rows are probability vectors, summing to 1)
 function and its ``higher_is_better``; :func:`classification_metrics` turns probabilities into the
 :class:`~bobench.store.Metric` rows a protocol returns. numpy only: scoring never imports torch.
 
+The ``*_ts`` metrics (``ece_ts``, ``ece_em_ts``, ``nll_ts``) are their base metric computed on
+temperature-scaled probabilities (:mod:`bobench.calibration`); only a protocol that fits a temperature
+(linear, ood) can report them, passing those probabilities as ``probs_ts``.
+
 Ties: the predicted class is ``argmax`` (the lowest class index among equal probabilities), and top-k
 ranks classes by ``(-prob, class index)``, so ``top_k(k=1) == top1`` always.
 
@@ -158,11 +162,14 @@ class MetricDef:
         fn: ``fn(probs [N, C], labels [N]) -> float``.
         higher_is_better: the direction recorded with every score.
         description: one line for listings and reports.
+        temperature_scaled: ``fn`` is applied to temperature-scaled probabilities (``probs_ts`` of
+            :func:`classification_metrics`), not to the raw ones.
     """
 
     fn: Callable[[np.ndarray, np.ndarray], float]
     higher_is_better: bool
     description: str
+    temperature_scaled: bool = False
 
 
 #: Stable metric name → definition. Names are stored in the results table: never rename one.
@@ -173,6 +180,14 @@ METRICS: dict[str, MetricDef] = {
     "ece": MetricDef(ece, False, "expected calibration error, 15 equal-width confidence bins"),
     "ece_em": MetricDef(ece_em, False, "expected calibration error, 15 equal-mass confidence bins"),
     "nll": MetricDef(nll, False, "mean negative log-likelihood (nats), probabilities clipped at 1e-12"),
+    # Temperature scaling leaves the argmax, hence every accuracy, unchanged: only calibration metrics.
+    "ece_ts": MetricDef(
+        ece, False, "ece (15 equal-width bins) after temperature scaling fitted on held-out data", True
+    ),
+    "ece_em_ts": MetricDef(
+        ece_em, False, "ece_em (15 equal-mass bins) after temperature scaling fitted on held-out data", True
+    ),
+    "nll_ts": MetricDef(nll, False, "nll (nats) after temperature scaling fitted on held-out data", True),
 }
 
 #: What a classification protocol reports unless its task asks for other metrics.
@@ -199,7 +214,11 @@ def check_metric_names(names: Sequence[str]) -> list[str]:
 
 
 def classification_metrics(
-    probs: np.ndarray, labels: np.ndarray, names: Sequence[str] = DEFAULT
+    probs: np.ndarray,
+    labels: np.ndarray,
+    names: Sequence[str] = DEFAULT,
+    *,
+    probs_ts: np.ndarray | None = None,
 ) -> list[Metric]:
     """Score ``probs`` against ``labels`` with each metric in ``names``.
 
@@ -207,13 +226,31 @@ def classification_metrics(
         probs: ``[N, C]`` predicted probabilities (rows sum to 1).
         labels: ``[N]`` integer labels in ``[0, C)``.
         names: registered metric names (see :data:`METRICS`), in the order to return them.
+        probs_ts: ``[N, C]`` the same predictions after temperature scaling; needed by (and only used
+            for) the ``temperature_scaled`` metrics (``*_ts``).
 
     Returns:
         One :class:`~bobench.store.Metric` per name, in order.
 
     Raises:
-        ValueError: an unknown metric name (did-you-mean), or malformed ``probs``/``labels``.
+        ValueError: an unknown metric name (did-you-mean), malformed ``probs``/``labels``, or a ``*_ts``
+            metric without ``probs_ts`` (a protocol that fits no temperature cannot report it).
     """
     names = check_metric_names(names)
     probs, labels = _check(probs, labels)
-    return [Metric(name, METRICS[name].fn(probs, labels), METRICS[name].higher_is_better) for name in names]
+    scaled = [name for name in names if METRICS[name].temperature_scaled]
+    if scaled and probs_ts is None:
+        raise ValueError(
+            f"metric(s) {scaled} need temperature-scaled probabilities (probs_ts), which this protocol does not fit"
+        )
+    if scaled:
+        probs_ts, _ = _check(probs_ts, labels)
+        if probs_ts.shape != probs.shape:
+            raise ValueError(f"probs_ts {probs_ts.shape} must have the shape of probs {probs.shape}")
+    out = []
+    for name in names:
+        d = METRICS[name]
+        out.append(
+            Metric(name, d.fn(probs_ts if d.temperature_scaled else probs, labels), d.higher_is_better)
+        )
+    return out

@@ -23,7 +23,7 @@ from typing import Any
 
 from bobench.features import ExtractOptions, FeatureStore
 from bobench.store import Cell, Metric, ResultStore
-from bobench.task import TaskConfig, load_task
+from bobench.task import TaskConfig, load_task, resolve_paths
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,10 @@ def _config_hash(backbone: str, task: TaskConfig, seed: int) -> str:
 
 
 def plan(
-    backbones: Sequence[str], tasks: Sequence[str | TaskConfig], seeds: Sequence[int] | None = None
+    backbones: Sequence[str],
+    tasks: Sequence[str | TaskConfig],
+    seeds: Sequence[int] | None = None,
+    paths: dict[str, str] | None = None,
 ) -> list[PlannedCell]:
     """Every (backbone, task, seed) cell, in backbone-major order.
 
@@ -81,8 +84,12 @@ def plan(
         backbones: zoo names or specs.
         tasks: task names, YAML paths or loaded configs.
         seeds: override the tasks' own seeds.
+        paths: values for ``${name}`` path placeholders in the tasks' dataset specs.
+
+    Raises:
+        TaskError: a task names a path placeholder that ``paths`` lacks (before any work starts).
     """
-    loaded = [t if isinstance(t, TaskConfig) else load_task(t) for t in tasks]
+    loaded = [resolve_paths(t if isinstance(t, TaskConfig) else load_task(t), paths or {}) for t in tasks]
     cells = []
     for bb in backbones:
         for t in loaded:
@@ -102,18 +109,41 @@ def _error_text(exc: BaseException) -> str:
 
 
 def _protocol_params(task: TaskConfig, device: str) -> dict[str, Any]:
+    from bobench.metrics import METRICS
     from bobench.protocols import PROTOCOLS
 
     params = dict(task.params)
+    meta = PROTOCOLS[task.protocol].meta
+    # the task's metrics list is what gets computed, not only what gets kept (e.g. ece_ts needs its
+    # temperature fit); names a protocol derives (top1@ood=blur) are not in METRICS and stay filters
+    wanted = [m for m in task.metrics if m in METRICS]
+    if meta.get("accepts_metrics") and wanted and "metrics" not in params:
+        params["metrics"] = wanted
     # probes run on the device the features came from, unless the task says otherwise; after MPS
     # extraction each probe keeps its own default, as MPS lacks the float64 the linear solver needs
-    if (
-        PROTOCOLS[task.protocol].meta.get("accepts_device")
-        and "device" not in params
-        and not device.startswith("mps")
-    ):
+    if meta.get("accepts_device") and "device" not in params and not device.startswith("mps"):
         params["device"] = device
     return params
+
+
+def _ood_set(store: FeatureStore, backbone, spec: str, opts: ExtractOptions, id_classes: Sequence[str]):
+    """Features of an OOD dataset's test split, its labels mapped to in-distribution class indices."""
+    import numpy as np
+
+    from bobench.data import DatasetError, load_dataset
+    from bobench.protocols.base import OodSet
+
+    ds = load_dataset(spec, split="test")
+    index = {c: i for i, c in enumerate(id_classes)}
+    unknown = [c for c in ds.classes if c not in index]
+    if unknown:
+        raise DatasetError(
+            f"OOD dataset {spec}: class(es) {unknown[:5]} are not in-distribution classes; an OOD set must "
+            "use the same class names (e.g. ImageNet wnids) as the dataset the probe is trained on."
+        )
+    to_id = np.array([index[c] for c in ds.classes], dtype=np.int64)
+    feats = store.get_or_extract(backbone, ds, opts)
+    return OodSet(feats, to_id[ds.targets], np.unique(to_id))
 
 
 def run_group(group: WorkGroup) -> Iterator[CellOutcome]:
@@ -140,15 +170,16 @@ def run_group(group: WorkGroup) -> Iterator[CellOutcome]:
     build_s = time.perf_counter() - t0
     store = FeatureStore(group.cache_dir)
     placement = resolve_placement(group.extract.device, group.extract.precision)
-    by_data: dict[tuple[str, int | None, tuple[str, ...]], list[PlannedCell]] = {}
+    by_data: dict[tuple, list[PlannedCell]] = {}
     for pc in group.cells:
-        by_data.setdefault((pc.task.dataset, pc.task.image_size, pc.task.splits), []).append(pc)
-    for (dataset, image_size, splits), cells in by_data.items():
+        key = (pc.task.dataset, pc.task.image_size, pc.task.splits, tuple(sorted(pc.task.ood.items())))
+        by_data.setdefault(key, []).append(pc)
+    for (dataset, image_size, splits, ood), cells in by_data.items():
         t1 = time.perf_counter()
         try:
             opts = ExtractOptions(**{**group.extract.__dict__, "image_size": image_size})
             feats: dict[str, Any] = {}
-            ds_train = None
+            ds_train = ds_test = None
             for split in splits:
                 try:
                     ds = load_dataset(dataset, split=split)
@@ -158,22 +189,32 @@ def run_group(group: WorkGroup) -> Iterator[CellOutcome]:
                         continue
                     raise
                 ds_train = ds if split == "train" else ds_train
+                ds_test = ds if split == "test" else ds_test
                 feats[split] = store.get_or_extract(backbone, ds, opts)
+            extras = dict(ds_test.extras)
+            if ood:
+                id_classes = (ds_train or ds_test).classes
+                extras["ood"] = {
+                    name: _ood_set(store, backbone, spec, opts, id_classes) for name, spec in ood
+                }
         except Exception as exc:
             err = _error_text(exc)
             for pc in cells:
                 yield CellOutcome(pc, "failed", error=f"features of {dataset} failed: {err}", card=card)
             continue
         extract_s = time.perf_counter() - t1
-        fresh = [f for f in feats.values() if f is not None and not f.cache_hit]
+        all_feats = [*feats.values(), *(o.features for o in extras.get("ood", {}).values())]
+        fresh = [f for f in all_feats if f is not None and not f.cache_hit]
         n_fresh = sum(f.stats["n_extracted"] for f in fresh)
         img_per_s = n_fresh / sum(f.stats["wall_time_s"] for f in fresh) if n_fresh else None
+        ds_train = ds_train or ds_test  # a test-only task (leave-one-out retrieval)
         data = ProbeData(
-            train=feats["train"],
+            train=feats.get("train", feats["test"]),
             test=feats["test"],
             val=feats.get("val"),
             n_classes=len(ds_train.classes),
             classes=list(ds_train.classes),
+            extras=extras,
         )
         for pc in cells:
             t2 = time.perf_counter()
@@ -281,6 +322,7 @@ def run_battle(
     force: bool = False,
     executor: str = "local",
     on_outcome: Callable[[CellOutcome, BattleSummary], None] | None = None,
+    paths: dict[str, str] | None = None,
 ) -> BattleSummary:
     """Run backbones × tasks × seeds, skipping cells already in ``store`` unless ``force``.
 
@@ -291,6 +333,7 @@ def run_battle(
         extract: device, precision, batch size, workers (``image_size`` comes from each task).
         executor: ``local`` (in-process).
         on_outcome: called after each cell is recorded (progress display).
+        paths: values for ``${name}`` dataset path placeholders (a paths file, see ``load_paths``).
 
     Returns:
         A :class:`BattleSummary`; failures are also in the store with their errors.
@@ -300,7 +343,7 @@ def run_battle(
     t0 = time.perf_counter()
     extract = extract or ExtractOptions()
     cache = str(cache_dir) if cache_dir is not None else str(FeatureStore().root)
-    planned = plan(backbones, tasks, seeds)
+    planned = plan(backbones, tasks, seeds, paths)
     summary = BattleSummary(planned)
     pending: dict[str, list[PlannedCell]] = {}
     for pc in planned:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bobench.registry import suggest
 
 TASK_DIR = Path(__file__).parent / "tasks"
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 SUITE_DIR = Path(__file__).parent / "suites"
 
 
@@ -40,8 +43,14 @@ class TaskConfig(BaseModel):
         primary: the headline metric used in leaderboards.
         seeds: seeds to run; each is its own cell.
         image_size: extraction input size override (None: the backbone card's).
-        splits: which dataset splits the protocol reads.
+        splits: which dataset splits the protocol reads; ``test`` always (without ``train``, protocols
+            get the test split as train too, e.g. leave-one-out retrieval).
+        ood: for OOD tasks, shifted test sets ``{name: dataset spec}`` whose ``test`` split is scored
+            by the probe trained on ``dataset``; class names must be in-distribution class names.
         description: one line for listings.
+
+    Dataset specs may name a path by placeholder, ``imagefolder:${cub200}/images``, resolved from a
+    paths file (``bobench battle --paths paths.yaml``) when the task is loaded with ``paths``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -56,7 +65,12 @@ class TaskConfig(BaseModel):
     seeds: tuple[int, ...] = (0,)
     image_size: int | None = Field(default=None, ge=8, le=1024)
     splits: tuple[str, ...] = ("train", "val", "test")
+    ood: dict[str, str] = Field(default_factory=dict)
     description: str = ""
+
+    def placeholders(self) -> list[str]:
+        """Path placeholders (``${name}``) still unresolved in the dataset specs."""
+        return sorted({m for spec in (self.dataset, *self.ood.values()) for m in _PLACEHOLDER.findall(spec)})
 
     @field_validator("protocol")
     @classmethod
@@ -73,8 +87,8 @@ class TaskConfig(BaseModel):
     @classmethod
     def _known_splits(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         bad = [s for s in v if s not in {"train", "val", "test"}]
-        if bad or "train" not in v or "test" not in v:
-            raise ValueError(f"splits must include train and test, from train/val/test; got {list(v)}")
+        if bad or "test" not in v or len(set(v)) != len(v):
+            raise ValueError(f"splits must include test, from train/val/test, each once; got {list(v)}")
         return v
 
     def config_hash(self) -> str:
@@ -148,9 +162,52 @@ def _load_task_file(path: Path) -> TaskConfig:
         raise TaskError(_format_error(path, exc, TaskConfig)) from None
 
 
-def load_task(name_or_path: str | Path) -> TaskConfig:
-    """A built-in task by name (``patches13-linear``) or a task YAML file by path."""
-    return _load_task_file(_resolve(name_or_path, TASK_DIR, "task").resolve())
+def load_paths(path: str | Path | None = None) -> dict[str, str]:
+    """A paths file: a YAML mapping ``name: /where/the/dataset/is`` (``~`` expanded).
+
+    ``path`` None reads ``$BOBENCH_PATHS`` if set, else returns ``{}``.
+    """
+    path = path or os.environ.get("BOBENCH_PATHS")
+    if not path:
+        return {}
+    data = _read_yaml(Path(path))
+    bad = [k for k, v in data.items() if not isinstance(v, str | int | float) or isinstance(v, bool)]
+    if bad:
+        raise TaskError(f"paths file {path}: {bad[0]!r} must map to a path string")
+    return {str(k): os.path.expanduser(str(v)) for k, v in data.items()}
+
+
+def resolve_paths(task: TaskConfig, paths: dict[str, str], where: str = "") -> TaskConfig:
+    """``task`` with ``${name}`` placeholders replaced from ``paths``.
+
+    Raises:
+        TaskError: a placeholder has no entry (the message names each missing key and the fix).
+    """
+    missing = [k for k in task.placeholders() if k not in paths]
+    if missing:
+        raise TaskError(
+            f"task {task.name} needs the path(s) {', '.join(missing)}{where}: add lines such as "
+            f"'{missing[0]}: /data/{missing[0]}' to a paths file and pass it with --paths FILE "
+            "(or set BOBENCH_PATHS)"
+        )
+
+    def sub(spec: str) -> str:
+        return _PLACEHOLDER.sub(lambda m: paths[m.group(1)], spec)
+
+    if not task.placeholders():
+        return task
+    return task.model_copy(
+        update={"dataset": sub(task.dataset), "ood": {k: sub(v) for k, v in task.ood.items()}}
+    )
+
+
+def load_task(name_or_path: str | Path, paths: dict[str, str] | None = None) -> TaskConfig:
+    """A built-in task by name (``patches13-linear``) or a task YAML file by path.
+
+    With ``paths`` (see :func:`load_paths`), ``${name}`` placeholders in its dataset specs are resolved.
+    """
+    task = _load_task_file(_resolve(name_or_path, TASK_DIR, "task").resolve())
+    return task if paths is None else resolve_paths(task, paths)
 
 
 def load_suite(name_or_path: str | Path) -> SuiteConfig:

@@ -17,6 +17,7 @@ from bobench.cli.backbones import backbones_app
 from bobench.cli.output import echo_json as _echo_json
 from bobench.cli.output import emit as _emit
 from bobench.cli.output import table as _table
+from bobench.cli.results import default_db, results_app
 
 app = typer.Typer(
     name="bobench",
@@ -27,16 +28,10 @@ app = typer.Typer(
 )
 datasets_app = typer.Typer(help="List datasets.", no_args_is_help=True)
 features_app = typer.Typer(help="Extract and cache frozen features.", no_args_is_help=True)
-results_app = typer.Typer(help="Inspect and export stored results.", no_args_is_help=True)
 app.add_typer(backbones_app, name="backbones")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(features_app, name="features")
 app.add_typer(results_app, name="results")
-
-
-def default_db() -> Path:
-    """``$BOBENCH_DB``, else ``bobench-results/results.db`` in the working directory."""
-    return Path(os.environ.get("BOBENCH_DB", "bobench-results/results.db"))
 
 
 # -- datasets ----------------------------------------------------------------------------------------
@@ -109,23 +104,6 @@ def features_extract(
         )
 
 
-# -- results -----------------------------------------------------------------------------------------
-@results_app.command("export")
-def results_export(
-    out: Annotated[Path, typer.Argument(help="Output file: .csv or .parquet")],
-    db: Annotated[Path, typer.Option(help="Results database.")] = default_db(),
-    fmt: Annotated[str | None, typer.Option("--format", help="csv | parquet (default: from suffix)")] = None,
-) -> None:
-    """Export every stored result in long format (one row per metric)."""
-    from bobench.store import ResultStore
-
-    if not db.exists():
-        raise FileNotFoundError(f"no results database at {db}; run a battle first or pass --db PATH")
-    with ResultStore(db, readonly=True) as store:
-        path = store.export(out, fmt)
-    typer.echo(f"wrote {path}")
-
-
 # -- tasks and suites --------------------------------------------------------------------------------
 tasks_app = typer.Typer(help="List tasks and suites.", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks")
@@ -167,14 +145,16 @@ def _battle(
     force: bool,
     seeds: list[int] | None,
     title: str,
+    paths: Path | None = None,
 ) -> None:
     from bobench.features import ExtractOptions
     from bobench.leaderboard import format_leaderboard, leaderboard
     from bobench.runner import print_outcome, run_battle
     from bobench.store import ResultStore
-    from bobench.task import load_task
+    from bobench.task import load_paths, load_task
 
-    loaded = [load_task(t) for t in tasks]
+    where = load_paths(paths)
+    loaded = [load_task(t, where) for t in tasks]
     opts = ExtractOptions(device=device, precision=precision, batch_size=batch_size, num_workers=workers)
     with ResultStore(db) as store:
         summary = run_battle(
@@ -203,6 +183,13 @@ def _battle(
         typer.echo("Failed cells are recorded with their errors; rerun the same command to retry only them.")
 
 
+_PATHS = Annotated[
+    Path | None,
+    typer.Option(
+        help="Paths file (YAML name: /data/path) for ${name} placeholders in task datasets "
+        "(default: $BOBENCH_PATHS)."
+    ),
+]
 _DB = Annotated[
     Path, typer.Option(help="Results database (default: $BOBENCH_DB or bobench-results/results.db).")
 ]
@@ -228,6 +215,7 @@ def run_cmd(
     batch_size: _BATCH = 64,
     workers: _WORKERS = None,
     force: _FORCE = False,
+    paths: _PATHS = None,
 ) -> None:
     """Run one backbone on one or more tasks."""
     _battle(
@@ -242,6 +230,7 @@ def run_cmd(
         force=force,
         seeds=seed or None,
         title=backbone,
+        paths=paths,
     )
 
 
@@ -259,8 +248,13 @@ def battle_cmd(
     batch_size: _BATCH = 64,
     workers: _WORKERS = None,
     force: _FORCE = False,
+    paths: _PATHS = None,
 ) -> None:
-    """Run a suite (or --backbones x --tasks), skipping finished cells, and print the leaderboard."""
+    """Run a suite (or --backbones x --tasks), skipping finished cells, and print the leaderboard.
+
+    Suites over datasets on disk (e.g. ``bob``) name them by placeholder; give their locations with
+    --paths FILE (see examples/bob-paths.yaml).
+    """
     from bobench.task import load_suite
 
     if suite is None and not (backbones and tasks):
@@ -280,6 +274,7 @@ def battle_cmd(
         force=force,
         seeds=None,
         title=s.name if s and not backbones else "battle",
+        paths=paths,
     )
 
 
@@ -308,36 +303,6 @@ def demo(
         title="demo",
     )
     typer.echo(f"Results: {db} (export with `bobench results export results.csv`).")
-
-
-@results_app.command("list")
-def results_list(
-    db: _DB = default_db(),
-    backbone: Annotated[str | None, typer.Option(help="Only this backbone.")] = None,
-    task: Annotated[str | None, typer.Option(help="Only this task.")] = None,
-    failed: Annotated[bool, typer.Option("--failed", help="Show failed cells and their errors.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    """List stored results (or failures), one row per metric."""
-    from bobench.store import ResultStore
-
-    if not db.exists():
-        raise FileNotFoundError(f"no results database at {db}; run a battle first or pass --db PATH")
-    filters = {k: v for k, v in {"backbone": backbone, "task": task}.items() if v}
-    with ResultStore(db, readonly=True) as store:
-        df = store.results(status="failed" if failed else "ok", **filters)
-    cols = ["backbone", "task", "protocol", "seed", "metric", "value", "device", "created_at"]
-    if failed:
-        cols = ["backbone", "task", "protocol", "seed", "error", "created_at"]
-        df = df.assign(error=df["error"].astype(str).str.splitlines().str[0])
-    rows = df[cols].to_dict(orient="records")
-    if as_json:
-        _echo_json(rows)
-    else:
-        for r in rows:
-            if isinstance(r.get("value"), float):
-                r["value"] = f"{r['value']:.4f}"
-        _table(rows, cols, f"{len(rows)} {'failed cells' if failed else 'results'} in {db}")
 
 
 def main(argv: list[str] | None = None) -> int:

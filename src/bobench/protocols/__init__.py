@@ -6,9 +6,23 @@ from bobench.registry import Registry
 
 #: name → ``module:run``; ``run(data: ProbeData, params: Mapping, seed: int) -> ProtocolResult``
 PROTOCOLS = Registry("protocol")
-PROTOCOLS.register("linear", "bobench.protocols.linear:run", needs="pooled features", accepts_device=True)
+# accepts_device: the runner passes the device features were extracted on; accepts_metrics: the runner
+# passes the task's registered metric names as params["metrics"] (the protocol computes only those)
+PROTOCOLS.register(
+    "linear",
+    "bobench.protocols.linear:run",
+    needs="pooled features",
+    accepts_device=True,
+    accepts_metrics=True,
+)
 PROTOCOLS.register("knn", "bobench.protocols.knn:run", needs="pooled features", accepts_device=True)
 PROTOCOLS.register("fewshot", "bobench.protocols.fewshot:run", needs="pooled features")
+PROTOCOLS.register(
+    "retrieval", "bobench.protocols.retrieval:run", needs="pooled features", accepts_device=True
+)
+PROTOCOLS.register(
+    "ood", "bobench.protocols.ood:run", needs="pooled features", accepts_device=True, accepts_metrics=True
+)
 
 
 def get_protocol(name: str):

@@ -86,6 +86,25 @@ class ProbeData:
     val: Features | None
     n_classes: int
     classes: list[str] = field(default_factory=list)
+    #: protocol data beside labels: the test split's reader extras (e.g. ``retrieval_gt``) and, for
+    #: OOD tasks, ``ood``: ``{name: OodSet}`` (see :class:`OodSet`)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OodSet:
+    """One shifted test set of an OOD task, with its labels in the in-distribution label space.
+
+    Attributes:
+        features: its features (extracted with the same backbone and preprocessing).
+        labels: ``[N]`` labels mapped to the in-distribution class indices.
+        classes: in-distribution class indices present in this set (e.g. ImageNet-A's 200): a probe's
+            predictions are restricted to them by masking the other logits, as the benchmark defines.
+    """
+
+    features: Features
+    labels: np.ndarray
+    classes: np.ndarray
 
 
 @dataclass

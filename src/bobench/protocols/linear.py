@@ -11,9 +11,9 @@ rows, ``K`` the classes present in them (an absent class keeps its column with p
 unpenalised; larger C = weaker regularisation. Default grid: 10 values of C log-spaced over
 ``[1e-4, 1e2]`` (:func:`default_Cs`).
 
-Solver: full-batch L-BFGS, strongest regularisation first, each C warm-started from the previous
-solution *and* curvature memory (see :class:`_LBFGS`). A fit stops when a quasi-Newton step lowers the
-objective by at most ``tol`` times its value. Loss and gradient are sums over row chunks of
+Solver: full-batch L-BFGS (:class:`~bobench.protocols.lbfgs.LBFGS`), strongest regularisation first,
+each C warm-started from the previous solution *and* curvature memory. A fit stops when a quasi-Newton
+step lowers the objective by at most ``tol`` times its value. Loss and gradient are sums over row chunks of
 ``batch_size`` rows (float32 matmuls, float64 softmax and sums): the same function for every chunk
 size up to float rounding, and exactly the same for a given chunk size whether the split is cached or
 streamed. A split whose float32 size exceeds ``memory_budget_gb`` is never loaded: every evaluation
@@ -33,7 +33,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from bobench.calibration import apply_temperature, fit_temperature
 from bobench.metrics import DEFAULT as DEFAULT_METRICS
-from bobench.metrics import check_metric_names, classification_metrics
+from bobench.metrics import METRICS, check_metric_names, classification_metrics
 from bobench.protocols.base import (
     ArrayFeatures,
     Features,
@@ -52,9 +53,11 @@ from bobench.protocols.base import (
     is_int,
     is_positive_number,
 )
+from bobench.protocols.lbfgs import LBFGS
+from bobench.store import Metric
 
-__all__ = ["DEFAULTS", "LinearModel", "default_Cs", "fit_path", "predict_proba"]
-__all__ += ["resolve_params", "run", "select", "standardization"]
+__all__ = ["DEFAULTS", "LinearModel", "default_Cs", "fit_path", "fit_selected", "predict_logits"]
+__all__ += ["predict_proba", "resolve_params", "run", "score_logits", "select", "standardization"]
 
 DEFAULTS: dict[str, Any] = {
     "C_min": 1e-4,
@@ -68,8 +71,6 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 16384,  # rows per chunk of a loss/gradient evaluation
     "metrics": list(DEFAULT_METRICS),
 }
-_HISTORY = 10  # L-BFGS curvature pairs (20 or 40 took as many iterations on the P2 benchmark)
-_GRAD_ZERO = 1e-12  # max |gradient| taken as exact convergence (e.g. one class: W = 0 is optimal)
 _PARALLEL_WORK = 2**24  # multiply-adds of one pass (N D K) below which one CPU thread is faster
 _STATS_ROWS = 4096  # fixed chunk of the standardisation statistics: they never depend on batch_size
 
@@ -204,70 +205,6 @@ def _loss_grad(split: _Split, rows, position, theta: torch.Tensor, lam: float, n
     return float(loss / n + lam * (W * W).sum() / 2), grad
 
 
-class _LBFGS:
-    """L-BFGS with a backtracking Armijo line search (enough here: the objective is convex, so every
-    pair has positive curvature). The memory carries over from one C to the next: the objectives differ
-    only by ``(lam' - lam) ||W||^2 / 2``, whose Hessian is known exactly, so each stored pair is corrected
-    (``y += (lam' - lam) s_W``) instead of dropped, and the first step at a new C is already a
-    quasi-Newton step on the new objective."""
-
-    def __init__(self, wmask: torch.Tensor) -> None:
-        self.wmask, self.lam = wmask, None
-        self.S: list[torch.Tensor] = []
-        self.Y: list[torch.Tensor] = []
-
-    def set_lam(self, lam: float) -> None:
-        if self.lam is not None:
-            for s, y in zip(self.S, self.Y, strict=True):
-                y.add_(s * self.wmask, alpha=lam - self.lam)
-            keep = [float(s @ y) > 0 for s, y in zip(self.S, self.Y, strict=True)]
-            self.S = [s for s, k in zip(self.S, keep, strict=True) if k]
-            self.Y = [y for y, k in zip(self.Y, keep, strict=True) if k]
-        self.lam = lam
-
-    def direction(self, g: torch.Tensor) -> torch.Tensor:
-        if not self.S:
-            return -g / max(float(g.abs().sum()), 1.0)  # no curvature yet: a short steepest-descent step
-        q, alphas = -g, []
-        for s, y in zip(reversed(self.S), reversed(self.Y), strict=True):
-            alphas.append(float(s @ q) / float(s @ y))
-            q = q - alphas[-1] * y
-        d = q * (float(self.S[-1] @ self.Y[-1]) / float(self.Y[-1] @ self.Y[-1]))
-        for s, y, a in zip(self.S, self.Y, reversed(alphas), strict=True):
-            d = d + (a - float(y @ d) / float(s @ y)) * s
-        return d
-
-    def minimise(self, fg: Callable, x: torch.Tensor, f: float, g: torch.Tensor, tol: float, max_iter: int):
-        """From ``x`` (``f, g = fg(x)``) until a quasi-Newton step lowers ``f`` by at most ``tol * f``, the
-        gradient vanishes, the line search finds no decrease, or ``max_iter``.
-
-        Returns ``(x, f, g, n_iter, converged)``; converged is False only when ``max_iter`` stopped it."""
-        for n_iter in range(max_iter):
-            if float(g.abs().max()) <= _GRAD_ZERO:
-                return x, f, g, n_iter, True
-            newton = bool(self.S)  # a steepest-descent step is short by design: its decrease proves nothing
-            d = self.direction(g)
-            if float(g @ d) >= 0:  # not a descent direction (rounding): restart from steepest descent
-                self.S, self.Y, newton = [], [], False
-                d = self.direction(g)
-            gtd, t = float(g @ d), 1.0
-            for _ in range(30):
-                f_new, g_new = fg(x + t * d)
-                if f_new <= f + 1e-4 * t * gtd:
-                    break
-                # Minimiser of the quadratic through f, gtd and f_new, kept within [0.1 t, 0.5 t].
-                t = min(max(-gtd * t * t / (2 * (f_new - f - gtd * t)), 0.1 * t), 0.5 * t)
-            else:
-                return x, f, g, n_iter, True  # no decrease left that float arithmetic can see
-            s, y = t * d, g_new - g
-            if float(s @ y) > 0:
-                self.S, self.Y = [*self.S, s][-_HISTORY:], [*self.Y, y][-_HISTORY:]
-            x, g, f_old, f = x + s, g_new, f, f_new
-            if newton and f_old - f <= tol * abs(f):
-                return x, f, g, n_iter + 1, True
-        return x, f, g, max_iter, False
-
-
 def _fit(split: _Split, rows, Cs, max_iter, tol, n_classes, mean, scale) -> list[LinearModel]:
     """Solve the path on ``split`` (restricted to the ``rows`` mask) for ascending ``Cs``, warm-started."""
     device, D = split.device, split.features.dim
@@ -285,7 +222,7 @@ def _fit(split: _Split, rows, Cs, max_iter, tol, n_classes, mean, scale) -> list
     theta[:, D] = prior - prior.mean()  # the C -> 0 solution (W = 0, b = log priors) as the start
     wmask = torch.ones_like(theta)
     wmask[:, D] = 0
-    opt = _LBFGS(wmask.ravel())
+    opt = LBFGS(wmask.ravel())
     # Threads pay only for big matmuls: on vectors of K (D + 1) numbers and small chunks, workers that
     # meet at a barrier per operation cost more than they save (badly so on shared cores).
     threads = torch.get_num_threads() if n * D * K >= _PARALLEL_WORK else 1
@@ -325,14 +262,37 @@ def _correct(split: _Split, models: Sequence[LinearModel], rows=None) -> np.ndar
     return correct
 
 
-def _proba(split: _Split, model: LinearModel) -> np.ndarray:
+def _logits(split: _Split, model: LinearModel, rows=None) -> np.ndarray:
+    """Logits ``[n, n_classes]`` float32 of ``model`` on ``split`` (``rows`` only, in order); ``-inf`` in
+    the columns of classes absent from its training rows, so that they get probability 0."""
     W, b = torch.from_numpy(model.weight).to(split.device), torch.from_numpy(model.bias).to(split.device)
-    out, start = np.zeros((split.n, model.n_classes)), 0
-    for z, _ in split.chunks():
-        p = torch.softmax(torch.addmm(b, z, W.t()).double(), dim=1).cpu().numpy()
-        out[start : start + len(p), model.classes] = p
-        start += len(p)
+    n = split.n if rows is None else int(rows.sum())
+    out, start = np.full((n, model.n_classes), -np.inf, dtype=np.float32), 0
+    for z, _ in split.chunks(rows):
+        out[start : start + len(z), model.classes] = torch.addmm(b, z, W.t()).cpu().numpy()
+        start += len(z)
     return out
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 softmax of float32 logits, row by row (the probabilities every score is computed from)."""
+    return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+
+
+def score_logits(
+    logits: np.ndarray, labels: np.ndarray, names: Sequence[str], temperature: float
+) -> tuple[list[Metric], np.ndarray]:
+    """Metrics ``names`` of ``softmax(logits)``, the ``*_ts`` ones of ``softmax(logits / temperature)``.
+
+    Returns:
+        ``(metrics, probs)``, ``probs`` the untempered ``[N, C]`` probabilities (predictions come from
+        them; a temperature changes no argmax).
+    """
+    probs = _softmax(logits)
+    # The tempered copy costs another [N, C] float64 array: only when a *_ts metric asks for it.
+    scaled = any(METRICS[name].temperature_scaled for name in names)
+    probs_ts = apply_temperature(logits, temperature) if scaled else None
+    return classification_metrics(probs, labels, names, probs_ts=probs_ts), probs
 
 
 def fit_path(
@@ -370,7 +330,7 @@ def fit_path(
     return _fit(split, None, Cs, max_iter, tol, n_classes, mean, scale)
 
 
-def predict_proba(
+def predict_logits(
     model: LinearModel,
     features: Features | np.ndarray,
     *,
@@ -378,11 +338,17 @@ def predict_proba(
     batch_size: int = DEFAULTS["batch_size"],
     memory_budget_gb: float = DEFAULTS["memory_budget_gb"],
 ) -> np.ndarray:
-    """Probabilities ``[N, n_classes]`` float64 of ``model`` on raw (unstandardised) features ``[N, D]``."""
+    """Logits ``[N, n_classes]`` float32 of ``model`` on raw (unstandardised) features ``[N, D]``;
+    ``-inf`` for the classes absent from its training rows."""
     if isinstance(features, np.ndarray):
         features = ArrayFeatures(features, np.zeros(len(features), dtype=np.int64))
     split = _Split(features, model.mean, model.scale, torch.device(device), batch_size, memory_budget_gb)
-    return _proba(split, model)
+    return _logits(split, model)
+
+
+def predict_proba(model: LinearModel, features: Features | np.ndarray, **kw: Any) -> np.ndarray:
+    """Probabilities ``[N, n_classes]`` float64: the softmax of :func:`predict_logits` (same keywords)."""
+    return _softmax(predict_logits(model, features, **kw))
 
 
 def select(scores: Sequence[float]) -> int:
@@ -451,6 +417,71 @@ def resolve_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return p
 
 
+def fit_selected(data: ProbeData, p: Mapping[str, Any], seed: int) -> tuple[LinearModel, dict[str, Any]]:
+    """The probe :func:`run` scores: the path fitted on train, C chosen on val (or by k-fold on train),
+    and a temperature fitted on held-out logits of the chosen C. Never reads the test split.
+
+    The temperature (:func:`bobench.calibration.fit_temperature`) is fitted on the val logits of the
+    chosen model; without val, on the out-of-fold logits of the chosen C (each train row scored by the
+    fold model that did not see it: held-out, and no extra fit).
+
+    Args:
+        data: as in :func:`run`. p: parameters resolved by :func:`resolve_params`. seed: seeds the folds.
+
+    Returns:
+        ``(model, info)``, ``info`` as documented in :func:`run` (without ``n_test``).
+    """
+    Cs, device, bs, budget = p["Cs"], p["device"], p["batch_size"], p["memory_budget_gb"]
+    for name in ("train",) + (("val",) if data.val is not None else ()):
+        _check_labels(getattr(data, name), data.n_classes, name)
+    t0 = time.perf_counter()
+    mean, scale = standardization(data.train)
+    train = _Split(data.train, mean, scale, device, bs, budget)
+    fit_args = (p["max_iter"], p["tol"], data.n_classes, mean, scale)
+    n_iter = 0
+    if data.val is not None:
+        models = _fit(train, None, Cs, *fit_args)
+        val = _Split(data.val, mean, scale, device, bs, budget)
+        val_top1 = _correct(val, models) / data.val.n
+        held_out = _logits(val, models[select(val_top1)]), np.asarray(data.val.labels)
+    else:
+        if data.train.n < p["kfold"]:
+            raise ValueError(f"kfold={p['kfold']} needs at least {p['kfold']} train samples")
+        fold = torch.from_numpy(_stratified_folds(np.asarray(data.train.labels), p["kfold"], seed)).to(device)
+        correct, fold_models = np.zeros(len(Cs), dtype=np.int64), []
+        for k in range(p["kfold"]):
+            fold_models.append(_fit(train, fold != k, Cs, *fit_args))
+            n_iter += sum(m.n_iter for m in fold_models[-1])
+            correct += _correct(train, fold_models[-1], fold == k)
+        val_top1 = correct / data.train.n
+        # Out-of-fold logits of the chosen C (fold paths kept: K x D floats a model) feed the temperature.
+        oof = np.empty((data.train.n, data.n_classes), dtype=np.float32)
+        for k, path in enumerate(fold_models):
+            oof[(fold == k).cpu().numpy()] = _logits(train, path[select(val_top1)], fold == k)
+        held_out = oof, np.asarray(data.train.labels)
+        # Refit on all of train, walking the path only up to the chosen C (the warm starts it needs).
+        models = _fit(train, None, Cs[: select(val_top1) + 1], *fit_args)
+    model = models[select(val_top1)]
+    n_iter += sum(m.n_iter for m in models)
+    info = {
+        "C": model.C,
+        "Cs": Cs.tolist(),
+        "val_top1": np.asarray(val_top1, dtype=float).tolist(),
+        "selection": "val" if data.val is not None else "kfold",
+        "temperature": fit_temperature(*held_out),
+        "temperature_fit": "val" if data.val is not None else "kfold out-of-fold",
+        "n_iter": int(n_iter),
+        "n_iter_path": [m.n_iter for m in models],
+        "converged": [m.converged for m in models],
+        "fit_seconds": time.perf_counter() - t0,
+        "streamed": train.cached is None,
+        "device": str(device),
+        "n_train": data.train.n,
+        "n_val": data.val.n if data.val is not None else None,
+    }
+    return model, info
+
+
 def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult:
     """Fit the path on train, choose C on val (or by k-fold on train), score test once.
 
@@ -460,9 +491,11 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
         seed: seeds the k-fold split; the fit itself is deterministic.
 
     Returns:
-        Test metrics (``params["metrics"]``), per-sample test predictions (one setting, ``C=<value>``),
-        and ``info``: ``C``, ``Cs``, ``val_top1`` (val, or pooled k-fold, top-1 per C), ``selection``
-        (``val`` | ``kfold``), ``n_iter`` (all L-BFGS iterations), ``n_iter_path`` and ``converged`` (per
+        Test metrics (``params["metrics"]``; the ``*_ts`` ones under the fitted temperature), per-sample
+        test predictions (one setting, ``C=<value>``), and ``info``: ``C``, ``Cs``, ``val_top1`` (val, or
+        pooled k-fold, top-1 per C), ``selection`` (``val`` | ``kfold``), ``temperature`` and
+        ``temperature_fit`` (``val`` | ``kfold out-of-fold``: the logits it was fitted on, see
+        :func:`fit_selected`), ``n_iter`` (all L-BFGS iterations), ``n_iter_path`` and ``converged`` (per
         C of the final path: up to the chosen C after k-fold), ``fit_seconds`` (everything but test
         scoring), ``streamed`` (train), ``device`` and sample counts.
 
@@ -470,51 +503,16 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
         ValueError: bad params, an empty split, or labels outside ``[0, n_classes)``.
     """
     p = resolve_params(params)
-    Cs, device, bs, budget = p["Cs"], p["device"], p["batch_size"], p["memory_budget_gb"]
     for name in ("train", "test") + (("val",) if data.val is not None else ()):
-        _check_labels(getattr(data, name), data.n_classes, name)
-    t0 = time.perf_counter()
-    mean, scale = standardization(data.train)
-    train = _Split(data.train, mean, scale, device, bs, budget)
-    fit_args = (p["max_iter"], p["tol"], data.n_classes, mean, scale)
-    n_iter = 0
-    if data.val is not None:
-        models = _fit(train, None, Cs, *fit_args)
-        val_top1 = _correct(_Split(data.val, mean, scale, device, bs, budget), models) / data.val.n
-    else:
-        if data.train.n < p["kfold"]:
-            raise ValueError(f"kfold={p['kfold']} needs at least {p['kfold']} train samples")
-        fold = torch.from_numpy(_stratified_folds(np.asarray(data.train.labels), p["kfold"], seed)).to(device)
-        correct = np.zeros(len(Cs), dtype=np.int64)
-        for k in range(p["kfold"]):
-            fold_models = _fit(train, fold != k, Cs, *fit_args)
-            n_iter += sum(m.n_iter for m in fold_models)
-            correct += _correct(train, fold_models, fold == k)
-        val_top1 = correct / data.train.n
-        # Refit on all of train, walking the path only up to the chosen C (the warm starts it needs).
-        models = _fit(train, None, Cs[: select(val_top1) + 1], *fit_args)
-    model = models[select(val_top1)]
-    n_iter += sum(m.n_iter for m in models)
-    fit_seconds = time.perf_counter() - t0
-    probs = _proba(_Split(data.test, mean, scale, device, bs, budget), model)
+        _check_labels(getattr(data, name), data.n_classes, name)  # all before any work
+    model, info = fit_selected(data, p, seed)
+    kw = {"device": p["device"], "batch_size": p["batch_size"], "memory_budget_gb": p["memory_budget_gb"]}
     labels = np.asarray(data.test.labels, dtype=np.int64)
+    metrics, probs = score_logits(
+        predict_logits(model, data.test, **kw), labels, p["metrics"], info["temperature"]
+    )
     pred = probs.argmax(axis=1)
     predictions = {"index": np.arange(len(labels)), "label": labels, "pred": pred}
     predictions["confidence"] = probs[np.arange(len(pred)), pred]
     predictions["setting"] = np.full(len(labels), f"C={model.C:.4g}")
-    info = {
-        "C": model.C,
-        "Cs": Cs.tolist(),
-        "val_top1": np.asarray(val_top1, dtype=float).tolist(),
-        "selection": "val" if data.val is not None else "kfold",
-        "n_iter": int(n_iter),
-        "n_iter_path": [m.n_iter for m in models],
-        "converged": [m.converged for m in models],
-        "fit_seconds": fit_seconds,
-        "streamed": train.cached is None,
-        "device": str(device),
-        "n_train": data.train.n,
-        "n_val": data.val.n if data.val is not None else None,
-        "n_test": data.test.n,
-    }
-    return ProtocolResult(classification_metrics(probs, labels, p["metrics"]), predictions, info)
+    return ProtocolResult(metrics, predictions, {**info, "n_test": data.test.n})
