@@ -180,6 +180,28 @@ def test_weighted_vote_by_hand(temperature: float, weighted_k3: int) -> None:
     assert out.pred["k=1"][0] == out.pred["k=1:uniform"][0] == 0
 
 
+def test_vote_probabilities_and_their_calibration_by_hand() -> None:
+    from bobench.metrics import ece, nll
+
+    # query (1, 0) as in the test above, k = 3 (the gallery size) is the headline
+    G = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], np.float32)
+    y = np.array([0, 1, 1])
+    Q = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    out = knn.knn_predict(G, y, Q, (1, 3), n_classes=3, temperature=1.0, headline_k=3)
+    s0, s1 = math.exp(1.0), math.exp(0.0) + math.exp(math.sqrt(0.5))
+    np.testing.assert_allclose(out.probs["k=3"][0], [s0 / (s0 + s1), s1 / (s0 + s1), 0.0], rtol=1e-6)
+    res = knn.run(
+        ProbeData(ArrayFeatures(G, y), ArrayFeatures(Q, np.array([0, 2])), None, n_classes=3),
+        {"ks": [1, 3], "temperature": 1.0},
+        seed=0,
+    )
+    m = {x.name: x.value for x in res.metrics}
+    probs = out.probs["k=3"]
+    # class 2 got no vote: its probability is 0 and the NLL pays the clipped 27.6 nats
+    assert m["nll"] == pytest.approx(nll(probs, np.array([0, 2])))
+    assert m["nll"] > 13 and m["ece"] == pytest.approx(ece(probs, np.array([0, 2])))
+
+
 def test_top5_ranks_only_classes_with_votes() -> None:
     G = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], np.float32)
     y = np.array([6, 6, 3])
@@ -203,8 +225,9 @@ def test_run_metrics_predictions_and_info() -> None:
     ks = (1, 10, 20, 50, 80)  # 100 and 200 clip to the 80 gallery rows
     settings = [knn.setting_name(k, v) for k in ks for v in ("weighted", "uniform")]
     names = [m.name for m in res.metrics]
-    assert names == ["top1", "top5", "balanced_acc"] + [f"top1@{s}" for s in settings]
-    assert all(m.higher_is_better for m in res.metrics)
+    calib = ["ece", "ece_em", "nll", "ece_ts", "ece_em_ts", "nll_ts"]
+    assert names == ["top1", "top5", "balanced_acc", *calib] + [f"top1@{s}" for s in settings]
+    assert all(m.higher_is_better != (m.name in calib) for m in res.metrics)
     values = {m.name: m.value for m in res.metrics}
     assert values["top1"] == values["top1@k=20"] and values["top5"] >= values["top1"]
     assert values["top1"] > 0.5  # separable blobs
@@ -222,7 +245,9 @@ def test_val_does_not_change_test_scores() -> None:
     train, val, test = _blobs(10, 1), _blobs(4, 2), _blobs(6, 3)
     with_val = knn.run(ProbeData(train, test, val, n_classes=8), {"ks": [1, 5]}, seed=0)
     without = knn.run(ProbeData(train, test, None, n_classes=8), {"ks": [1, 5]}, seed=0)
-    assert with_val.metrics == without.metrics and "val_top1" not in without.info
+    scaled = {"ece_ts", "ece_em_ts", "nll_ts"}  # need a val split to fit the temperature on
+    assert [m for m in with_val.metrics if m.name not in scaled] == without.metrics
+    assert "val_top1" not in without.info and not scaled & {m.name for m in without.metrics}
 
 
 def test_tiny_gallery_clips_k_and_drops_top5() -> None:

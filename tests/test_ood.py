@@ -154,3 +154,16 @@ def test_errors(data: ProbeData) -> None:
     )
     with pytest.raises(ValueError, match="none of its classes"):
         ood.run(d, PARAMS, seed=0)
+
+
+def test_accepted_classes_count_as_correct(data: ProbeData) -> None:
+    """ObjectNet-style sets: a prediction of any class accepted for the label is a hit."""
+    plain = ood.run(data, PARAMS, seed=0)
+    X, y = data.test.load()
+    accept = {c: np.array([c, (c + 1) % K]) for c in range(K)}  # each class also accepts the next one
+    sets = {"same": OodSet(ArrayFeatures(X, y), np.asarray(y), np.arange(K), accept)}
+    res = ood.run(ProbeData(data.train, data.test, data.val, K, extras={"ood": sets}), PARAMS, seed=0)
+    pred = plain.predictions["pred"][: len(y)]  # ID rows come first
+    by_hand = np.mean([p in (t, (t + 1) % K) for p, t in zip(pred, y, strict=True)])
+    assert _metrics(res)["top1@ood=same"] == pytest.approx(by_hand)
+    assert _metrics(res)["top1@ood=same"] > _metrics(plain)["top1"]

@@ -153,3 +153,28 @@ def apply_temperature(logits: np.ndarray, T: float) -> np.ndarray:
         raise ValueError("every row needs at least one finite logit (and no NaN or +inf)")
     e = np.exp((z - top) / T)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def vote_calibration(
+    probs: np.ndarray, labels: np.ndarray, val_probs: np.ndarray, val_labels: np.ndarray
+) -> list:
+    """Calibration metrics of predicted probabilities that come without logits (e.g. kNN votes).
+
+    ``log(probs)`` serves as logits (a class without any vote keeps probability 0), so temperature
+    scaling raises the probabilities to the power ``1/T`` and renormalises; ``T`` is fitted on
+    ``val_probs`` (skipped, with the ``*_ts`` metrics, when there is no val split).
+
+    Returns:
+        :class:`~bobench.store.Metric` rows ``ece``, ``ece_em``, ``nll`` and, with val, ``ece_ts``,
+        ``ece_em_ts``, ``nll_ts`` (all lower is better).
+    """
+    from bobench.metrics import classification_metrics
+
+    names = ["ece", "ece_em", "nll"]
+    probs_ts = None
+    if len(val_labels):
+        with np.errstate(divide="ignore"):
+            T = fit_temperature(np.log(val_probs), val_labels)
+            probs_ts = apply_temperature(np.log(probs), T)
+        names += ["ece_ts", "ece_em_ts", "nll_ts"]
+    return classification_metrics(probs, labels, names, probs_ts=probs_ts)

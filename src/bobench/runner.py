@@ -143,7 +143,14 @@ def _ood_set(store: FeatureStore, backbone, spec: str, opts: ExtractOptions, id_
         )
     to_id = np.array([index[c] for c in ds.classes], dtype=np.int64)
     feats = store.get_or_extract(backbone, ds, opts)
-    return OodSet(feats, to_id[ds.targets], np.unique(to_id))
+    accept = None
+    if "label_sets" in ds.extras:  # e.g. ObjectNet: {label wnid: [every wnid that counts as correct]}
+        accept = {
+            index[k]: np.array([index[w] for w in ws if w in index], dtype=np.int64)
+            for k, ws in ds.extras["label_sets"].items()
+            if k in index
+        }
+    return OodSet(feats, to_id[ds.targets], np.unique(to_id), accept)
 
 
 def run_group(group: WorkGroup) -> Iterator[CellOutcome]:

@@ -100,11 +100,15 @@ class OodSet:
         labels: ``[N]`` labels mapped to the in-distribution class indices.
         classes: in-distribution class indices present in this set (e.g. ImageNet-A's 200): a probe's
             predictions are restricted to them by masking the other logits, as the benchmark defines.
+        accept: for sets whose classes map to several in-distribution classes (ObjectNet's "chair" is
+            several ImageNet chairs): label index → every index that counts as correct; None: only the
+            label itself.
     """
 
     features: Features
     labels: np.ndarray
     classes: np.ndarray
+    accept: dict[int, np.ndarray] | None = None
 
 
 @dataclass

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bobench.calibration import vote_calibration
 from bobench.device import resolve_placement
 from bobench.metrics import balanced_acc_of_predictions
 from bobench.protocols.base import (
@@ -81,6 +82,8 @@ class KnnPredictions:
             of the vote (weighted: its share of the summed weights; uniform: its count / k).
         top5: for the weighted vote at ``headline_k`` only, ``[Q, 5]`` classes by score (ties: smaller
             label first); slots beyond the classes that got any vote are -1.
+        probs: for the weighted vote at ``headline_k`` only, ``[Q, C]`` float32 class probabilities: each
+            class's share of the summed ``exp(sim / T)`` weights (0 for classes without a vote).
         boundary_ties: query-block rows whose k-th place was an exact tie (resolved by gallery index).
     """
 
@@ -91,6 +94,7 @@ class KnnPredictions:
     confidence: dict[str, np.ndarray] = field(default_factory=dict)
     top5: dict[str, np.ndarray] = field(default_factory=dict)
     boundary_ties: int = 0
+    probs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def knn_predict(
@@ -185,7 +189,7 @@ def knn_predict(
     n_classes = max(int(n_classes or 0), int(gallery_y.max()) + 1)
 
     nb_labels = torch.from_numpy(gallery_y).to(dev)[idx]
-    parts: dict[str, dict[str, list[np.ndarray]]] = {"pred": {}, "confidence": {}, "top5": {}}
+    parts: dict[str, dict[str, list[np.ndarray]]] = {"pred": {}, "confidence": {}, "top5": {}, "probs": {}}
     for s in range(0, n_q, block_size):
         block = _vote(
             vals[s : s + block_size], nb_labels[s : s + block_size], ks_c, n_classes, temperature, head
@@ -195,7 +199,14 @@ def knn_predict(
                 parts[kind].setdefault(name, []).append(arr)
     whole = {kind: {name: np.concatenate(a) for name, a in d.items()} for kind, d in parts.items()}
     return KnnPredictions(
-        ks_c, idx.cpu().numpy(), vals.cpu().numpy(), whole["pred"], whole["confidence"], whole["top5"], ties
+        ks_c,
+        idx.cpu().numpy(),
+        vals.cpu().numpy(),
+        whole["pred"],
+        whole["confidence"],
+        whole["top5"],
+        ties,
+        whole["probs"],
     )
 
 
@@ -216,7 +227,10 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
         DINO's setting), ``top5`` (same setting; only when k >= 5 and there are more than 5 classes; a
         class with no vote never counts as a hit), ``balanced_acc`` (same setting; mean recall over
         the classes present in test), and ``top1@k={k}`` (weighted) and ``top1@k={k}:uniform`` for
-        every k. Predictions for every setting, with a ``setting`` column.
+        every k; calibration of the headline vote's probabilities (lower is better): ``ece``,
+        ``ece_em``, ``nll`` and, with a val split, ``ece_ts``, ``ece_em_ts``, ``nll_ts`` under a
+        temperature fitted on val (see :func:`bobench.calibration.vote_calibration`). Predictions for
+        every setting, with a ``setting`` column.
 
     Raises:
         ValueError: an unknown or invalid parameter (named), or an empty split.
@@ -239,6 +253,8 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
     if top5.shape[1] == 5 and min(HEADLINE_K, data.train.n) >= 5 and data.n_classes > 5:
         metrics.append(Metric("top5", float(np.mean((top5 == test_y[:, None]).any(1))), True))
     metrics.append(Metric("balanced_acc", balanced_acc_of_predictions(pred_h, test_y), True))
+    probs = out.probs[head]  # calibration of the headline vote: the test split's, and under a
+    metrics += vote_calibration(probs[:n_test], test_y, probs[n_test:], val_y)  # temperature fitted on val
     settings = [setting_name(k, v) for k in out.ks for v in ("weighted", "uniform")]
     metrics += [Metric(f"top1@{s}", _acc(out.pred[s][:n_test], test_y), True) for s in settings]
 
@@ -396,7 +412,7 @@ def _vote(
     weights = (sims.double() / temperature).exp()
     weighted = torch.zeros(b, n_classes, dtype=torch.float64, device=sims.device)
     counts = torch.zeros_like(weighted)
-    res: dict[str, dict[str, np.ndarray]] = {"pred": {}, "confidence": {}, "top5": {}}
+    res: dict[str, dict[str, np.ndarray]] = {"pred": {}, "confidence": {}, "top5": {}, "probs": {}}
     prev = 0
     for k in ks:
         seg = labels[:, prev:k]
@@ -412,6 +428,9 @@ def _vote(
             res["confidence"][name] = (best / total).float().cpu().numpy()
         if k == headline_k:
             res["top5"][setting_name(k, "weighted")] = _top5(weighted)
+            res["probs"][setting_name(k, "weighted")] = (
+                (weighted / weighted.sum(1, keepdim=True)).float().cpu().numpy()
+            )
     return res
 
 

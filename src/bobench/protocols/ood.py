@@ -12,6 +12,10 @@ predictions and probabilities are restricted to its classes: the standard evalua
 (2021, "Natural Adversarial Examples"; "The Many Faces of Robustness"). Accuracy, calibration and the
 predictions of such a set are all computed under that mask.
 
+Several correct classes: a set with ``accept`` (ObjectNet, whose classes each map to one or more
+ImageNet classes) counts a prediction of any accepted class as correct (Barbu et al. 2019): each row is
+scored against the predicted class when it is accepted for the row's label, else against the label.
+
 Metrics (stable names; the runner keeps those the task lists):
 
 * in distribution: ``params["metrics"]`` as named (``top1`` always included), e.g. ``top1``, ``nll``;
@@ -81,6 +85,12 @@ def _check_set(name: Any, s: Any, n_classes: int) -> None:
         )
 
 
+def _accepted(pred: np.ndarray, labels: np.ndarray, accept: Mapping[int, np.ndarray]) -> np.ndarray:
+    """Labels to score against: the prediction where it is an accepted class for the label."""
+    ok = np.array([p in accept.get(int(y), ()) for p, y in zip(pred.tolist(), labels.tolist(), strict=True)])
+    return np.where(ok, pred, labels) if len(ok) else labels
+
+
 def _rows(probs: np.ndarray, labels: np.ndarray, setting: str) -> dict[str, np.ndarray]:
     pred = probs.argmax(axis=1)
     return {
@@ -138,6 +148,8 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
         logits = mask_logits(linear.predict_logits(model, s.features, **kw), s.classes)
         if not np.isfinite(logits).any(axis=1).all():
             raise ValueError(f"OOD set {name!r}: none of its classes occurs in the train split")
+        if s.accept:
+            set_labels = _accepted(logits.argmax(axis=1), set_labels, s.accept)
         scores, probs = linear.score_logits(logits, set_labels, set_names, T)
         metrics += [Metric(f"{m.name}@ood={name}", m.value, m.higher_is_better) for m in scores]
         top1s.append(scores[0].value)  # set_names starts with top1
