@@ -47,12 +47,10 @@ def test_zoo_size_and_unique_names():
 def test_bob_reference_backbones_covered():
     """Every backbone in BoB's retrieval table maps to exactly one zoo entry via bob_id."""
     import csv
-    from pathlib import Path
 
-    ref = Path(__file__).parents[2] / "shared" / "reference" / "bob_retrieval_mrr.csv"
-    if not ref.is_file():
-        pytest.skip(f"{ref} not present in this checkout")
-    with ref.open() as f:
+    from bobench.analysis import REFERENCE_DIR
+
+    with (REFERENCE_DIR / "bob_retrieval_mrr.csv").open() as f:
         bob_ids = {row["backbone"] for row in csv.DictReader(f)}
     ours = [r["bob_id"] for r in ROWS.values() if r.get("bob_id")]
     assert len(ours) == len(set(ours))
