@@ -147,9 +147,10 @@ def _battle(
     title: str,
     paths: Path | None = None,
 ) -> None:
+    from bobench.battle_display import BattleDisplay
     from bobench.features import ExtractOptions
     from bobench.leaderboard import format_leaderboard, leaderboard
-    from bobench.runner import print_outcome, run_battle
+    from bobench.runner import plan, run_battle
     from bobench.store import ResultStore
     from bobench.task import load_paths, load_task
 
@@ -157,16 +158,18 @@ def _battle(
     loaded = [load_task(t, where) for t in tasks]
     opts = ExtractOptions(device=device, precision=precision, batch_size=batch_size, num_workers=workers)
     with ResultStore(db) as store:
-        summary = run_battle(
-            backbones,
-            loaded,
-            store=store,
-            cache_dir=cache_dir,
-            extract=opts,
-            seeds=seeds,
-            force=force,
-            on_outcome=print_outcome,
-        )
+        # a live panel on a terminal, one plain line per cell otherwise (CI logs)
+        with BattleDisplay(len(plan(backbones, loaded, seeds))) as display:
+            summary = run_battle(
+                backbones,
+                loaded,
+                store=store,
+                cache_dir=cache_dir,
+                extract=opts,
+                seeds=seeds,
+                force=force,
+                on_outcome=display.on_outcome,
+            )
         table = leaderboard(store, backbones, loaded)
     typer.echo(format_leaderboard(table, f"{title}: primary metric x100 (mean over the tasks present)"))
     typer.echo(
