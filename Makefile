@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CODE   := $(wildcard src tests benchmarks)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install chromium demo test test-fast lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,15 +23,22 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The report test drives a real headless Chromium (Debian's package), installed here when missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  command -v google-chrome >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+
 demo: $(STAMP)
 	$(VENV)/bin/bobench demo
 
 # two steps: the suite, then the zoo's >150M-parameter backbones (ViT-L, ConvNeXt-XL, SD, ...) alone
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest -q -m "not heavy"
 	$(PY) -m pytest -q -m heavy
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) chromium
 	$(PY) -m pytest -q -m "not slow and not heavy"
 
 lint: $(STAMP)

@@ -136,6 +136,9 @@ def test_cli_battle_with_a_missing_path_stops_before_work(tmp_path: Path, capsys
     failed = _rows(db)
     assert (failed["status"] == "failed").all() and failed["error"].str.contains("/nowhere/cub").all()
     assert json.loads(failed["config_json"].iloc[0])["task"]["dataset"] == "imagefolder:/nowhere/cub"
+    # every battle ends by writing the HTML report beside its database, failed-only ones too
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "bob-cub200-retrieval" in page and "/nowhere/cub" in page
 
 
 def test_cli_robustness_matches_a_logit_fit_by_numpy(tmp_path: Path, capsys) -> None:

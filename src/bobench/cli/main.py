@@ -17,6 +17,7 @@ from bobench.cli.backbones import backbones_app
 from bobench.cli.output import echo_json as _echo_json
 from bobench.cli.output import emit as _emit
 from bobench.cli.output import table as _table
+from bobench.cli.report import report_cmd
 from bobench.cli.results import default_db, results_app
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ app.add_typer(backbones_app, name="backbones")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(features_app, name="features")
 app.add_typer(results_app, name="results")
+app.command("report")(report_cmd)
 
 
 # -- datasets ----------------------------------------------------------------------------------------
@@ -146,6 +148,7 @@ def _battle(
     seeds: list[int] | None,
     title: str,
     paths: Path | None = None,
+    report: bool = True,
 ) -> None:
     from bobench.battle_display import BattleDisplay
     from bobench.features import ExtractOptions
@@ -184,6 +187,11 @@ def _battle(
         )
     if summary.failed:
         typer.echo("Failed cells are recorded with their errors; rerun the same command to retry only them.")
+    if report:
+        from bobench.report import build_report
+
+        page = build_report(db, db.parent / "report", title=f"bobench {title}")
+        typer.echo(f"Report: {page} (open it in a browser; `bobench report` rebuilds it).")
 
 
 _PATHS = Annotated[
