@@ -330,6 +330,7 @@ def run_battle(
     executor: str = "local",
     on_outcome: Callable[[CellOutcome, BattleSummary], None] | None = None,
     paths: dict[str, str] | None = None,
+    executor_options: dict[str, Any] | None = None,
 ) -> BattleSummary:
     """Run backbones × tasks × seeds, skipping cells already in ``store`` unless ``force``.
 
@@ -338,7 +339,8 @@ def run_battle(
         store: the results store (this process is its only writer).
         cache_dir: feature cache root (default ``~/.cache/bobench/features``).
         extract: device, precision, batch size, workers (``image_size`` comes from each task).
-        executor: ``local`` (in-process).
+        executor: ``local`` (in-process, the default) or ``ray`` (one Ray task per backbone).
+        executor_options: passed to the executor, e.g. ``{"address": "auto", "max_retries": 2}`` for ray.
         on_outcome: called after each cell is recorded (progress display).
         paths: values for ``${name}`` dataset path placeholders (a paths file, see ``load_paths``).
 
@@ -359,7 +361,7 @@ def run_battle(
         else:
             pending.setdefault(pc.backbone, []).append(pc)
     groups = [WorkGroup(bb, tuple(cells), extract, cache) for bb, cells in pending.items()]
-    for out in get_executor(executor)(groups):
+    for out in get_executor(executor)(groups, **(executor_options or {})):
         record(store, out)  # the driver is the single writer
         if out.status == "ok":
             summary.done += 1

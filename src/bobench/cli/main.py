@@ -149,6 +149,8 @@ def _battle(
     title: str,
     paths: Path | None = None,
     report: bool = True,
+    executor: str = "local",
+    executor_options: dict | None = None,
 ) -> None:
     from bobench.battle_display import BattleDisplay
     from bobench.features import ExtractOptions
@@ -172,6 +174,8 @@ def _battle(
                 seeds=seeds,
                 force=force,
                 on_outcome=display.on_outcome,
+                executor=executor,
+                executor_options=executor_options,
             )
         table = leaderboard(store, backbones, loaded)
     typer.echo(format_leaderboard(table, f"{title}: primary metric x100 (mean over the tasks present)"))
@@ -260,6 +264,11 @@ def battle_cmd(
     workers: _WORKERS = None,
     force: _FORCE = False,
     paths: _PATHS = None,
+    executor: Annotated[str, typer.Option(help="local (in this process) or ray (bobench[ray]).")] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (auto: a running cluster; default: start one).")
+    ] = None,
+    max_retries: Annotated[int, typer.Option(help="Ray: retries of a group whose task or worker fails.")] = 1,
 ) -> None:
     """Run a suite (or --backbones x --tasks), skipping finished cells, and print the leaderboard.
 
@@ -286,6 +295,8 @@ def battle_cmd(
         seeds=None,
         title=s.name if s and not backbones else "battle",
         paths=paths,
+        executor=executor,
+        executor_options={"address": address, "max_retries": max_retries} if executor == "ray" else None,
     )
 
 
