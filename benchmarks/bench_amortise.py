@@ -10,12 +10,9 @@ Target: (extraction + protocols) / extraction ≤ 1.3.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
-from benchmarks.common import save
-from bobench import create_backbone, load_dataset
-from bobench.features import ExtractOptions, FeatureStore
+from benchmarks.common import extract_patches13, save
 from bobench.protocols import get_protocol
 from bobench.protocols.base import ProbeData
 from bobench.task import load_task
@@ -29,15 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="64 px instead of the card's 224 px")
     args = ap.parse_args(argv)
     image_size = 64 if args.quick else None
-    bb = create_backbone(args.backbone)
-    store = FeatureStore(tempfile.mkdtemp(prefix="bench-amortise-"))
-    opts = ExtractOptions(image_size=image_size, num_workers=1, progress=False, device="cpu")
-    t0 = time.perf_counter()
-    feats = {
-        s: store.get_or_extract(bb, load_dataset("patches13", split=s), opts)
-        for s in ("train", "val", "test")
-    }
-    t_extract = time.perf_counter() - t0
+    *_, feats, t_extract = extract_patches13(args.backbone, image_size, "bench-amortise-")
     data = ProbeData(
         feats["train"], feats["test"], feats["val"], n_classes=13, classes=feats["train"].classes
     )

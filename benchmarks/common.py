@@ -42,3 +42,27 @@ def best_of(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def extract_patches13(backbone: str, image_size: int | None, prefix: str):
+    """One backbone's extraction pass over patches13 (train/val/test) into an empty cache, timed.
+
+    The shared first step of the amortisation benchmarks (P3, P6): what the protocols after it reuse.
+
+    Returns:
+        ``(backbone, store, options, {split: FeatureSet}, seconds)``.
+    """
+    import tempfile
+
+    from bobench import create_backbone, load_dataset
+    from bobench.features import ExtractOptions, FeatureStore
+
+    bb = create_backbone(backbone)
+    store = FeatureStore(tempfile.mkdtemp(prefix=prefix))
+    opts = ExtractOptions(image_size=image_size, num_workers=1, progress=False, device="cpu")
+    t0 = time.perf_counter()
+    feats = {
+        s: store.get_or_extract(bb, load_dataset("patches13", split=s), opts)
+        for s in ("train", "val", "test")
+    }
+    return bb, store, opts, feats, time.perf_counter() - t0
