@@ -27,6 +27,8 @@ PRETRAINING_KINDS = {
     "none": "none",
 }
 
+_TUPLE_FIELDS = ("input_size", "mean", "std")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 UNKNOWN = "unknown"
@@ -88,6 +90,9 @@ class BackboneCard:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        # YAML, JSON and user code give lists; the card keeps tuples so it stays hashable and frozen
+        for k in _TUPLE_FIELDS:
+            object.__setattr__(self, k, tuple(getattr(self, k)))
         if self.pretraining_kind == UNKNOWN and self.pretraining in PRETRAINING_KINDS:
             object.__setattr__(self, "pretraining_kind", PRETRAINING_KINDS[self.pretraining])
 
@@ -106,11 +111,7 @@ class BackboneCard:
         bad = sorted(set(d) - names)
         if bad:
             raise ValueError(f"unknown BackboneCard field(s) {bad}; allowed: {sorted(names)}")
-        kw = dict(d)
-        for k in ("input_size", "mean", "std"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
+        return cls(**d)
 
     def replace(self, **changes: Any) -> BackboneCard:
         """Return a copy with ``changes`` applied (a new ``pretraining`` re-derives its kind)."""

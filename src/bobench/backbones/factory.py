@@ -187,8 +187,5 @@ def create_backbone(
             for k, v in overrides.items()
             if k not in {"pretraining", "pretraining_data", "pretraining_images", "license", "paper"}
         }
-    for k in ("input_size", "mean", "std"):
-        if k in overrides:
-            overrides[k] = tuple(overrides[k])
     bb.card = card.replace(**{**overrides, **changes})
     return bb.eval()

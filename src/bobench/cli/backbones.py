@@ -73,9 +73,6 @@ def backbones_show(
         entry = zoo_entry(name)
         if entry is not None:  # the release's description, so the card still says what it is
             overrides = {k: v for k, v in entry.card.items() if k in bb.card.to_dict()}
-            for k in ("input_size", "mean", "std"):
-                if k in overrides:
-                    overrides[k] = tuple(overrides[k])
             bb.card = bb.card.replace(**overrides, weights="not on disk", pretrained=False)
         note = f"weights not on disk: {exc}"
     card = bb.card.to_dict()
