@@ -26,7 +26,8 @@ from bobench.analysis import (
     zscores,
 )
 from bobench.analysis_bootstrap import bootstrap, score_ci
-from bobench.store import Cell, Metric, ResultStore
+from bobench.metrics import Metric
+from bobench.store import Cell, ResultStore
 
 _HIB = {"top1": True, "mrr": True, "nll": False, "ece": False, "map": True}
 

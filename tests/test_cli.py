@@ -80,7 +80,8 @@ def test_features_extract_then_cache_hit(tmp_path: Path) -> None:
 
 
 def test_results_export(tmp_path: Path) -> None:
-    from bobench.store import Cell, Metric, ResultStore
+    from bobench.metrics import Metric
+    from bobench.store import Cell, ResultStore
 
     db = tmp_path / "r.db"
     with ResultStore(db) as store:

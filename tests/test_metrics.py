@@ -7,8 +7,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, log_loss, top_k_accuracy_score
 
 from bobench import metrics
-from bobench.metrics import METRICS, classification_metrics
-from bobench.store import Metric
+from bobench.metrics import METRICS, Metric, classification_metrics
 
 # 4 samples, 3 classes. argmax: 0, 1, 2, 0; labels 0, 1, 1, 2 -> samples 0 and 1 correct.
 PROBS = np.array(

@@ -9,9 +9,9 @@ import pytest
 from rich.console import Console
 
 from bobench.battle_display import BattleDisplay, eta_seconds, outcome_line
+from bobench.metrics import Metric
 from bobench.progress import interactive, progress_bar
 from bobench.runner import BattleSummary, CellOutcome, plan, print_outcome
-from bobench.store import Metric
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 LONG_ERROR = "ValueError: " + "the probe diverged " * 8  # longer than the console's 80 columns

@@ -20,9 +20,10 @@ from typer.testing import CliRunner
 
 from bobench.cli.report import report_cmd
 from bobench.features import ExtractOptions
+from bobench.metrics import Metric
 from bobench.report import build_report
 from bobench.runner import run_battle
-from bobench.store import Cell, Metric, ResultStore
+from bobench.store import Cell, ResultStore
 from bobench.task import TaskConfig, load_task
 from browser import BrowserMissingError, Chromium, find_chromium
 

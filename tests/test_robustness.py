@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bobench.metrics import Metric
 from bobench.robustness import effective_robustness
-from bobench.store import Cell, Metric, ResultStore
+from bobench.store import Cell, ResultStore
 
 A, B = 0.8, -0.5
 OOD = "top1@ood=mean"

@@ -144,7 +144,8 @@ def test_cli_battle_with_a_missing_path_stops_before_work(tmp_path: Path, capsys
 def test_cli_robustness_matches_a_logit_fit_by_numpy(tmp_path: Path, capsys) -> None:
     import numpy as np
 
-    from bobench.store import Cell, Metric
+    from bobench.metrics import Metric
+    from bobench.store import Cell
 
     ident = np.array([0.6, 0.7, 0.8, 0.9])
     ood = 1 / (1 + np.exp(-(0.8 * np.log(ident / (1 - ident)) - 0.5)))

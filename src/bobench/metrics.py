@@ -3,7 +3,7 @@
 Every metric takes ``probs [N, C]`` (rows are probability vectors, summing to 1) and integer
 ``labels [N]`` in ``[0, C)``, and returns a Python float. :data:`METRICS` maps each stable name to its
 function and its ``higher_is_better``; :func:`classification_metrics` turns probabilities into the
-:class:`~bobench.store.Metric` rows a protocol returns. numpy only: scoring never imports torch.
+:class:`Metric` rows a protocol returns. numpy only: scoring never imports torch.
 
 The ``*_ts`` metrics (``ece_ts``, ``ece_em_ts``, ``nll_ts``) are their base metric computed on
 temperature-scaled probabilities (:mod:`bobench.calibration`); only a protocol that fits a temperature
@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from bobench.registry import suggest
-from bobench.store import Metric
 
 __all__ = [
     "DEFAULT",
     "METRICS",
+    "Metric",
     "MetricDef",
     "balanced_acc",
     "check_metric_names",
@@ -155,6 +155,15 @@ def nll(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 @dataclass(frozen=True)
+class Metric:
+    """One score of a cell, and which way is better (what protocols return and the store records)."""
+
+    name: str
+    value: float
+    higher_is_better: bool
+
+
+@dataclass(frozen=True)
 class MetricDef:
     """A registered metric.
 
@@ -230,7 +239,7 @@ def classification_metrics(
             for) the ``temperature_scaled`` metrics (``*_ts``).
 
     Returns:
-        One :class:`~bobench.store.Metric` per name, in order.
+        One :class:`Metric` per name, in order.
 
     Raises:
         ValueError: an unknown metric name (did-you-mean), malformed ``probs``/``labels``, or a ``*_ts``

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from bobench.features import ExtractOptions, FeatureStore
-from bobench.store import Cell, Metric, ResultStore
+from bobench.metrics import Metric
+from bobench.store import Cell, ResultStore
 from bobench.task import TaskConfig, load_task, resolve_paths
 
 

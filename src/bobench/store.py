@@ -6,6 +6,7 @@ process is the single writer, and readers in other processes (report, CLI, noteb
 The schema evolves through :data:`MIGRATIONS`, tracked by ``PRAGMA user_version``.
 
 Example:
+    >>> from bobench.metrics import Metric
     >>> with ResultStore(tmp / "results.db") as store:
     ...     cell = Cell("timm:resnet18", "cls-digits", "digits", "linear", seed=0, config_hash="ab12")
     ...     store.record(cell, [Metric("top1", 0.93, higher_is_better=True)], config={"lr": 0.1})
@@ -31,6 +32,8 @@ from bobench import provenance as _provenance
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from bobench.metrics import Metric
 
 
 # Ordered (version, step): a SQL script or a callable(conn). Each runs in its own transaction together with
@@ -127,15 +130,6 @@ class Cell:
                 raise ValueError(f"Cell.{name} must be a non-empty string, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"Cell.seed must be an int, got {self.seed!r}")
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One score of a cell, and which way is better."""
-
-    name: str
-    value: float
-    higher_is_better: bool
 
 
 class ResultStore:

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from bobench.metrics import Metric
 from bobench.registry import suggest
-from bobench.store import Metric
 
 
 class Features(Protocol):

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bobench.metrics import top1
+from bobench.metrics import Metric, top1
 from bobench.protocols import knn, linear
 from bobench.protocols.base import (
     ArrayFeatures,
@@ -42,7 +42,6 @@ from bobench.protocols.base import (
     is_int,
     is_positive_number,
 )
-from bobench.store import Metric
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "shots": (1, 5, 10, 25),

@@ -42,7 +42,7 @@ import torch
 
 from bobench.calibration import vote_calibration
 from bobench.device import resolve_placement
-from bobench.metrics import balanced_acc_of_predictions
+from bobench.metrics import Metric, balanced_acc_of_predictions
 from bobench.protocols.base import (
     Features,
     ProbeData,
@@ -51,7 +51,6 @@ from bobench.protocols.base import (
     is_int,
     is_positive_number,
 )
-from bobench.store import Metric
 
 DEFAULT_KS = (1, 10, 20, 50, 100, 200)
 #: DINO reports the weighted vote at k = 20 (T = 0.07); that is our headline ``top1``.

@@ -43,7 +43,7 @@ import torch
 
 from bobench.calibration import apply_temperature, fit_temperature
 from bobench.metrics import DEFAULT as DEFAULT_METRICS
-from bobench.metrics import METRICS, check_metric_names, classification_metrics
+from bobench.metrics import METRICS, Metric, check_metric_names, classification_metrics
 from bobench.protocols.base import (
     ArrayFeatures,
     Features,
@@ -54,7 +54,6 @@ from bobench.protocols.base import (
     is_positive_number,
 )
 from bobench.protocols.lbfgs import LBFGS
-from bobench.store import Metric
 
 __all__ = ["DEFAULTS", "LinearModel", "default_Cs", "fit_path", "fit_selected", "predict_logits"]
 __all__ += ["predict_proba", "resolve_params", "run", "score_logits", "select", "standardization"]

@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from bobench.metrics import Metric
 from bobench.protocols import linear
 from bobench.protocols.base import OodSet, ProbeData, ProtocolResult
-from bobench.store import Metric
 
 __all__ = ["SET_METRICS", "mask_logits", "run"]
 

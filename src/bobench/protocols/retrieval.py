@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from bobench.device import resolve_placement
+from bobench.metrics import Metric
 from bobench.protocols.base import (
     Features,
     ProbeData,
@@ -67,7 +68,6 @@ from bobench.protocols.retrieval_metrics import (
     revisitop_ap,
     revisitop_precision_at_k,
 )
-from bobench.store import Metric
 
 __all__ = [
     "DEFAULT_PARAMS",
