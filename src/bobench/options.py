@@ -41,7 +41,9 @@ class RunOptions:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.num_workers is not None and (
-            isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0
+            isinstance(self.num_workers, bool)
+            or not isinstance(self.num_workers, int)
+            or self.num_workers < 0
         ):
             raise ValueError(f"num_workers must be None or an integer >= 0, got {self.num_workers!r}")
 
