@@ -3,6 +3,7 @@ coverage on synthetic data, and bootstrap / covariates / reference comparison on
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 from pathlib import Path
@@ -13,19 +14,21 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+import bobench
 from bobench import analysis
 from bobench.analysis import (
     BOB_COVARIATE_RHO,
+    bootstrap,
     compare_with_reference,
     covariate_correlations,
     load_reference,
     rank,
+    score_ci,
     score_matrix,
     task_correlations,
     task_type,
     zscores,
 )
-from bobench.analysis_bootstrap import bootstrap, score_ci
 from bobench.metrics import Metric
 from bobench.store import Cell, ResultStore
 
@@ -326,5 +329,30 @@ def test_compare_with_reference(tmp_path):
     assert len(compare_with_reference(results, ref)) == 2  # the default mapping covers the bob tasks
 
 
-def test_lazy_reexports():
+def test_package_front_door_and_module_boundaries():
+    """Import from ``bobench.analysis``; its modules share only public names and import without a cycle."""
     assert analysis.bootstrap is bootstrap and analysis.score_ci is score_ci
+    assert all(getattr(analysis, name) is not None for name in analysis.__all__)
+    assert analysis.REFERENCE_DIR.parent == Path(bobench.__file__).resolve().parent  # bobench/reference
+    assert analysis.REFERENCE_DIR.name == "reference"
+    assert (analysis.REFERENCE_DIR / "bob_retrieval_mrr.csv").is_file()  # package data, not a repo path
+    package = Path(analysis.__file__).parent
+    deps: dict[str, set[str]] = {}
+    for file in package.glob("*.py"):
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        assert "__getattr__" not in {getattr(n, "name", "") for n in tree.body}, file.name  # no lazy tricks
+        deps[file.stem] = set()
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bobench")):
+                continue
+            private = [a.name for a in node.names if a.name.startswith("_")]
+            assert not private, f"{file.name} imports private {private} from {node.module}"
+            if node.module.startswith("bobench.analysis."):
+                deps[file.stem].add(node.module.rsplit(".", 1)[1])
+            elif file.stem != "__init__":
+                assert node.module != "bobench.analysis", f"{file.name} imports the package that imports it"
+    done: set[str] = set()
+    while len(done) < len(deps):  # peel off modules whose imports are all done: stuck means a cycle
+        ready = {m for m, d in deps.items() if m not in done and d <= done}
+        assert ready, f"import cycle among {sorted(set(deps) - done)}"
+        done |= ready

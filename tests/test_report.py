@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import typer
+from PIL import Image
 from typer.testing import CliRunner
 
 from bobench.cli.report import report_cmd
-from bobench.features import ExtractOptions
 from bobench.metrics import Metric
+from bobench.options import RunOptions
 from bobench.report import build_report
 from bobench.runner import run_battle
 from bobench.store import Cell, ResultStore
@@ -84,11 +85,11 @@ def battle_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("report-db")
     tasks = _tasks(root / "tasks")
     db = root / "results.db"
-    opts = ExtractOptions(num_workers=0, batch_size=128, progress=False)
+    opts = RunOptions(num_workers=0, batch_size=128, progress=False)
     with ResultStore(db) as store:
         summary = run_battle(
             ["random/mobilenetv2_100", "user_models:make_declared"], tasks, store=store,
-            cache_dir=root / "cache", extract=opts,
+            cache_dir=root / "cache", options=opts,
         )  # fmt: skip
         assert summary.failed == 0, [o.error for o in summary.failures]
         real = store.results()
@@ -148,18 +149,35 @@ def test_report_renders_and_is_inert_in_a_real_browser(battle_db: Path, tmp_path
         handlers = "[...document.querySelectorAll('*')].filter(e => [...e.attributes].some(a => a.name.startsWith('on'))).length"
         assert page.evaluate(handlers) == 0  # no element with an inline event handler
         shot = page.screenshot(tmp_path / "report.png")
-    assert shot.stat().st_size > 10_000
+    _assert_is_a_rendered_page(shot)
+
+
+def _assert_is_a_rendered_page(png: Path, size: tuple[int, int] | None = None) -> None:
+    """``png`` decodes as an image of a real page: viewport-sized, and not blank or one flat colour."""
+    with Image.open(png) as image:
+        image.verify()  # a truncated or corrupt file raises here, not later in someone's docs
+    with Image.open(png) as image:
+        width, height = image.size
+        real = (width, height) == size if size else width >= 800 and height >= 600
+        assert real, f"{png}: {width}×{height}, not the size of a page"
+        rgb = image.convert("RGB")
+        colours = rgb.getcolors(maxcolors=width * height)  # [(count, colour)], every colour present
+    assert len(colours) >= 100, f"{png}: {len(colours)} colours; a page of text and plots has thousands"
+    background = max(count for count, _ in colours) / (width * height)
+    assert background < 0.97, f"{png}: {background:.1%} of the pixels are one colour: a blank page"
 
 
 def test_docs_screenshot_of_the_demo_report(tmp_path: Path) -> None:
     """With BOBENCH_UPDATE_SCREENSHOT=1, renders the demo battle's report to docs/report.png.
 
     The demo database is ``$BOBENCH_DEMO_DB`` or bobench-results/results.db (what ``make demo`` writes).
-    Without the variable the test only checks that docs/report.png, if present, is a PNG.
+    Either way, docs/report.png (when present; it is written here) must decode as a rendered page: a
+    real viewport size, text and plots on it, not a blank or an error page.
     """
     target = ROOT / "docs" / "report.png"
     if os.environ.get("BOBENCH_UPDATE_SCREENSHOT") != "1":
-        assert not target.exists() or target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if target.exists():
+            _assert_is_a_rendered_page(target)
         return
     db = Path(os.environ.get("BOBENCH_DEMO_DB", ROOT / "bobench-results" / "results.db"))
     assert db.exists(), f"no demo results at {db}: run `make demo` (or set BOBENCH_DEMO_DB) first"
@@ -167,7 +185,11 @@ def test_docs_screenshot_of_the_demo_report(tmp_path: Path) -> None:
     with Chromium(height=1800) as browser:
         page = browser.open(out.resolve().as_uri(), offline=True)
         assert page.errors() == [], page.errors()
-        page.screenshot(target, full_page=False)
+        assert len(page.images()) >= 2  # the leaderboard and heat map are in the shot, not only text
+        shot = page.screenshot(tmp_path / "report.png", full_page=False)
+    _assert_is_a_rendered_page(shot, size=(browser.width, browser.height))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(shot.read_bytes())  # replaced only once the new shot has passed
 
 
 def _store(tmp_path: Path, cells: list[tuple[str, str, float | None]]) -> Path:
@@ -210,6 +232,19 @@ def test_empty_and_non_overlapping_databases_render(tmp_path: Path) -> None:
     db = _store(tmp_path / "apart", [("a", "digits-knn", 0.9), ("b", "digits-retrieval", 0.5)])
     html = build_report(db, tmp_path / "apart-out", n_boot=10).read_text()
     assert "Every z-score is undefined" in html and "0.9000" in html
+
+
+def test_title_names_the_database_never_a_backbone(tmp_path: Path) -> None:
+    """`bobench run -b TYPO` once titled the page after the typo; the default names the database."""
+    typo = "timm:resnet5O-TYPO"
+    db = _store(tmp_path, [(typo, "digits-knn", None), ("a", "digits-knn", 0.9)])
+    html = build_report(db, tmp_path / "out", n_boot=10).read_text()
+    assert "<title>bobench report: r.db</title>" in html and "<h1>bobench report: r.db</h1>" in html
+    assert typo in html  # listed among the failures, but nowhere in the title
+    heads = re.findall(r"<title>.*?</title>|<h1>.*?</h1>", html, flags=re.S)
+    assert len(heads) == 2 and not any(typo in h for h in heads), heads
+    html = build_report(db, tmp_path / "own", n_boot=10, title="my <battle>").read_text()
+    assert "<title>my &lt;battle&gt;</title>" in html  # a caller's title is kept, escaped
 
 
 def test_missing_database_is_a_clear_error(tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bobench.analysis import effective_robustness
 from bobench.metrics import Metric
-from bobench.robustness import effective_robustness
 from bobench.store import Cell, ResultStore
 
 A, B = 0.8, -0.5

@@ -38,7 +38,10 @@ def results_list(
     cols = ["backbone", "task", "protocol", "seed", "metric", "value", "device", "created_at"]
     if failed:
         cols = ["backbone", "task", "protocol", "seed", "error", "created_at"]
-        df = df.assign(error=df["error"].astype(str).str.splitlines().str[0])
+        from bobench.analysis.rows import error_headline
+
+        # one line per cell in a table; `bobench report` shows the whole text
+        df = df.assign(error=[error_headline(e) for e in df["error"]])
     rows = df[cols].to_dict(orient="records")
     if as_json:
         _echo_json(rows)
@@ -75,7 +78,7 @@ def results_robustness(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Effective robustness: each backbone's OOD accuracy above the ID-vs-OOD line fitted over all."""
-    from bobench.robustness import effective_robustness
+    from bobench.analysis import effective_robustness
     from bobench.store import ResultStore
 
     if not db.exists():

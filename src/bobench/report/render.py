@@ -23,7 +23,8 @@ from typing import Any, TypeVar
 import jinja2
 import pandas as pd
 
-from bobench import provenance
+from bobench import analysis, provenance
+from bobench.analysis.rows import error_headline
 from bobench.report import plots
 from bobench.store import ResultStore
 
@@ -103,8 +104,6 @@ def report_context(
         A dict of plain values (strings, numbers, lists of dicts, PNG data URIs); the keys are the
         template's variables. Sections that cannot be computed carry a ``note`` saying why.
     """
-    from bobench import analysis
-
     notes: list[str] = []
     ok = results[results["status"] == "ok"]
     failed = results[results["status"] == "failed"]
@@ -129,10 +128,10 @@ def report_context(
         "ci_percent": round(100 * _CI),
         "leaderboard": _leaderboard(matrix, ranking, boot, scored),
         "heatmap": _heatmap(matrix, z, ranking),
-        "correlations": _correlations(z, analysis),
+        "correlations": _correlations(z),
         "scatter": _scatter(z, ranking),
         "cost": _cost(ok, matrix, ranking),
-        "covariates": _covariates(ranking, results, analysis),
+        "covariates": _covariates(ranking, results),
         "cards": _cards(results, order),
         "failures": _failures(failed),
         "provenance": _provenance(results),
@@ -253,7 +252,7 @@ def _heatmap(matrix, z, ranking) -> dict[str, Any]:
     return {"note": note, "plot": plots.heatmap(zz, label="z-score (higher is better)"), "raw": table}
 
 
-def _correlations(z, analysis) -> dict[str, Any]:
+def _correlations(z) -> dict[str, Any]:
     if z is None or int(z.notna().any().sum()) < 2:
         return {"note": "Correlations need z-scores of at least two settings.", "plot": None}
     if len(z) < 3:
@@ -303,7 +302,7 @@ def _cost(ok: pd.DataFrame, matrix, ranking) -> dict[str, Any]:
     return {"note": None, "plot": plots.cost(frame, score_label=label), "devices": devices or "unknown"}
 
 
-def _covariates(ranking, results: pd.DataFrame, analysis) -> list[dict[str, str]]:
+def _covariates(ranking, results: pd.DataFrame) -> list[dict[str, str]]:
     """BoB's scaling check: Spearman ρ of the overall score with params / pretraining size, per family."""
     if ranking is None:
         return []
@@ -349,21 +348,13 @@ def _cards(results: pd.DataFrame, order: Iterable[str]) -> list[dict[str, Any]]:
     return out
 
 
-def _first_line(error: Any) -> str:
-    lines = [ln.strip() for ln in str(error or "").splitlines() if ln.strip()]
-    if not lines:
-        return "(no error text)"
-    # A bare traceback starts with its boilerplate header; its last line names the exception.
-    return lines[-1] if lines[0].startswith("Traceback (most recent call last)") else lines[0]
-
-
 def _failures(failed: pd.DataFrame) -> list[dict[str, Any]]:
     out = []
     for _, r in failed.sort_values("id").iterrows():
         text = str(r["error"] or "")
         out.append({
             **{k: str(r[k]) for k in ("backbone", "task", "dataset", "protocol", "seed")},
-            "first_line": _first_line(text)[:500],
+            "first_line": error_headline(text)[:500],
             "error": text[:_ERROR_CHARS] + ("\n… (truncated)" if len(text) > _ERROR_CHARS else ""),
         })  # fmt: skip
     return out

@@ -1,4 +1,4 @@
-"""Paired bootstrap confidence intervals of overall scores and ranks (see :mod:`bobench.analysis`).
+"""Confidence intervals of overall scores and ranks, by a paired bootstrap (see :mod:`bobench.analysis`).
 
 Each replicate perturbs the score matrix, then recomputes z-scores, task-type means, overall scores and
 ranks exactly as :func:`~bobench.analysis.zscores` and :func:`~bobench.analysis.rank` do. A cell
@@ -32,16 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bobench.analysis import (
-    _config,
-    _degenerate,
-    _nanmean,
-    _rank_min,
-    _select_rows,
-    rank,
-    score_matrix,
-    zscores,
-)
+from bobench.analysis.rows import parse_config, select_rows
+from bobench.analysis.scores import degenerate_spread, nanmean, rank, rank_min, score_matrix, zscores
 
 __all__ = ["bootstrap", "score_ci"]
 
@@ -127,7 +119,7 @@ def _prediction_parts(cell: pd.DataFrame, cache: dict[str, Any]) -> tuple[list |
     """Components of a cell's seed-mean from its predictions, or (None, why not; '' if unremarkable)."""
     out = []
     for row in cell.itertuples():
-        config = _config(row.config_json) if hasattr(row, "config_json") else {}
+        config = parse_config(row.config_json) if hasattr(row, "config_json") else {}
         path = config.get("predictions")
         if not path:
             return None, ""
@@ -146,14 +138,14 @@ def _prediction_parts(cell: pd.DataFrame, cache: dict[str, Any]) -> tuple[list |
 
 
 def _replicate_overall(values: np.ndarray, sign: np.ndarray, groups: Sequence[np.ndarray]) -> np.ndarray:
-    """``[B, backbones]`` overall scores of ``[B, backbones, settings]`` matrices (zscores + rank math)."""
+    """``[B, backbones]`` overall scores of ``[B, backbones, settings]`` matrices (the math of zscores and rank)."""
     n = (~np.isnan(values)).sum(1)
-    mean = _nanmean(values, 1)
-    std = np.sqrt(_nanmean((values - mean[:, None, :]) ** 2, 1))
-    bad = _degenerate(n, mean, std)  # a setting that a replicate makes constant drops out of it
+    mean = nanmean(values, 1)
+    std = np.sqrt(nanmean((values - mean[:, None, :]) ** 2, 1))
+    bad = degenerate_spread(n, mean, std)  # a setting that a replicate makes constant drops out of it
     with np.errstate(invalid="ignore", divide="ignore"):
         z = np.where(bad[:, None, :], np.nan, sign * (values - mean[:, None, :]) / std[:, None, :])
-    return _nanmean(np.stack([_nanmean(z[..., g], -1) for g in groups], -1), -1)
+    return nanmean(np.stack([nanmean(z[..., g], -1) for g in groups], -1), -1)
 
 
 def bootstrap(
@@ -186,7 +178,7 @@ def bootstrap(
         >>> bootstrap(store.results(), n_boot=1000).loc[:, ["overall", "rank", "rank_low", "rank_high"]]
     """
     _check(n_boot, ci)
-    rows = _select_rows(results, metric)
+    rows = select_rows(results, metric)
     matrix = score_matrix(results, metric)
     z = zscores(matrix)
     point = rank(z, require_complete=require_complete)
@@ -232,7 +224,7 @@ def bootstrap(
     )
     ranked = np.isin(backbones, list(point.index))
     overall[:, ~ranked] = np.nan  # require_complete: excluded backbones do not take ranks
-    ranks = _rank_min(overall)
+    ranks = rank_min(overall)
 
     alpha = (1 - ci) / 2
     out = point[["overall", "rank", "n_settings", "n_missing", "complete"]].copy()
