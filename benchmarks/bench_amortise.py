@@ -13,6 +13,7 @@ import argparse
 import time
 
 from benchmarks.common import extract_patches13, save
+from bobench.options import RunOptions
 from bobench.protocols import get_protocol
 from bobench.protocols.base import ProbeData
 from bobench.task import load_task
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in TASKS:
         task = load_task(name)
         t1 = time.perf_counter()
-        result = get_protocol(task.protocol)(data, dict(task.params), 0)
+        # on the device the features were extracted on, as the runner passes it
+        result = get_protocol(task.protocol)(data, dict(task.params), 0, RunOptions(device="cpu"))
         per_task[name] = {
             "seconds": time.perf_counter() - t1,
             "primary": next(m.value for m in result.metrics if m.name == task.primary),

@@ -19,9 +19,10 @@ import numpy as np
 
 from benchmarks.common import extract_patches13, save
 from bobench import load_dataset
+from bobench.frozen import protocol_params
+from bobench.options import RunOptions
 from bobench.protocols import get_protocol
 from bobench.protocols.base import OodSet, ProbeData
-from bobench.runner import _protocol_params
 from bobench.task import load_task
 
 
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
         task = load_task(name)
         data = ProbeData(base.train, base.test, base.val, 13, base.classes, extras=extras)
         t2 = time.perf_counter()
-        result = get_protocol(task.protocol)(data, _protocol_params(task, "cpu"), 0)
+        options = RunOptions(device="cpu")  # the device the features were extracted on
+        result = get_protocol(task.protocol)(data, protocol_params(task), 0, options)
         per_task[name] = {
             "seconds": time.perf_counter() - t2,
             "primary": next(m.value for m in result.metrics if m.name == task.primary),

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bobench.features import FeatureSet
+from bobench.options import RunOptions
 from bobench.protocols import fewshot
 from bobench.protocols.base import ArrayFeatures, ProbeData
 
@@ -114,3 +116,20 @@ def test_params_are_validated() -> None:
         fewshot.run(data, {"knn": {"kk": 1}}, seed=0)
     with pytest.raises(ValueError, match="seed"):
         fewshot.run(data, {}, seed=-1)
+    for bad in ({"device": "cpu"}, {"linear": {"device": "cpu"}}, {"knn": {"device": "cpu"}}):
+        with pytest.raises(ValueError, match=r"\['device'\].*is a run option.*--device"):
+            fewshot.run(data, bad, seed=0)
+
+
+@pytest.mark.parametrize("with_val", [True, False])  # linear.run, or the fixed-C fit without val
+def test_run_options_reach_both_protocols(with_val: bool) -> None:
+    data = ProbeData(_blobs(4, 1), _blobs(4, 3), _blobs(3, 2) if with_val else None, n_classes=5)
+    params = {"shots": [2], "n_seeds": 1, "linear": FAST_LINEAR}
+    default = fewshot.run(data, params, seed=0)  # no options: each protocol's own default device
+    on_cpu = fewshot.run(data, params, seed=0, options=RunOptions(device="cpu"))
+    if not torch.cuda.is_available():  # kNN's "auto" is the CPU here
+        assert on_cpu.metrics == default.metrics and on_cpu.info["per_seed"] == default.info["per_seed"]
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            fewshot.run(data, params, seed=0, options=RunOptions(device="cuda"))
+    with pytest.raises(ValueError, match="MPS lacks"):
+        fewshot.run(data, params, seed=0, options=RunOptions(device="mps"))

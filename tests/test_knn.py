@@ -13,6 +13,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from bobench.features import FeatureSet
+from bobench.options import RunOptions
 from bobench.protocols import knn
 from bobench.protocols.base import ArrayFeatures, ProbeData
 
@@ -265,8 +266,22 @@ def test_params_are_validated() -> None:
     for bad in ({"ks": []}, {"ks": [0, 5]}, {"ks": 5}, {"temperature": 0}, {"block_size": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             knn.run(data, bad, seed=0)
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA"):
-            knn.run(data, {"device": "cuda"}, seed=0)
+    with pytest.raises(ValueError, match=r"\['device'\].*is a run option.*--device"):
+        knn.run(data, {"device": "cpu"}, seed=0)
     with pytest.raises(ValueError, match="NaN"):
         knn.knn_predict(np.full((2, 3), np.nan, np.float32), np.zeros(2, int), np.ones((1, 3)), (1,))
+
+
+def test_device_comes_from_run_options() -> None:
+    data = ProbeData(_blobs(10, 1), _blobs(6, 3), _blobs(4, 2), n_classes=8)
+    default = knn.run(data, {"ks": [1, 5]}, seed=0)  # no options: "auto", as a library call
+    on_cpu = knn.run(data, {"ks": [1, 5]}, seed=0, options=RunOptions(device="cpu"))
+    assert on_cpu.info["device"] == "cpu"
+    if not torch.cuda.is_available():  # "auto" is the CPU here: identical results
+        assert default.metrics == on_cpu.metrics
+        for key, col in default.predictions.items():
+            np.testing.assert_array_equal(on_cpu.predictions[key], col)
+        with pytest.raises(ValueError, match="no CUDA GPU"):  # never a silent fall back to the CPU
+            knn.run(data, {}, seed=0, options=RunOptions(device="cuda"))
+    with pytest.raises(ValueError, match="MPS lacks"):  # the vote's float64
+        knn.run(data, {}, seed=0, options=RunOptions(device="mps"))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sklearn.linear_model import LogisticRegression
 
+from bobench.options import RunOptions
 from bobench.protocols import get_protocol, linear
 from bobench.protocols.base import ArrayFeatures, ProbeData
 
@@ -138,11 +140,11 @@ def test_kfold_selection_when_val_is_none(blobs: ProbeData) -> None:
 
 def test_stratified_folds_balance_classes() -> None:
     labels = np.repeat(np.arange(3), [30, 7, 2])
-    folds = linear._stratified_folds(labels, 3, seed=0)
+    folds = linear.stratified_folds(labels, 3, seed=0)
     for c, count in zip(range(3), [30, 7, 2], strict=True):
         per_fold = np.bincount(folds[labels == c], minlength=3)
         assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == count
-    assert not np.array_equal(folds, linear._stratified_folds(labels, 3, seed=1))
+    assert not np.array_equal(folds, linear.stratified_folds(labels, 3, seed=1))
 
 
 def test_class_absent_from_train_is_never_predicted(blobs: ProbeData) -> None:
@@ -176,12 +178,39 @@ def test_select_prefers_stronger_regularisation_on_ties() -> None:
         ({"kfold": 1}, "kfold must be an integer >= 2"),
         ({"metrics": ["top_1"]}, "Did you mean: top1"),
         ({"num_C": 0}, "num_C must be an integer >= 1"),
-        ({"device": "mps"}, "MPS lacks"),
+        ({"device": "cpu"}, r"unknown linear-probe parameter\(s\) \['device'\].*run option.*--device"),
     ],
 )
 def test_bad_params(blobs: ProbeData, params: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         linear.run(blobs, params, seed=0)
+
+
+def test_device_is_a_run_option(blobs: ProbeData) -> None:
+    default = linear.run(blobs, {"num_C": 3}, seed=0)  # no options: the CPU, as a library call
+    on_cpu = linear.run(blobs, {"num_C": 3}, seed=0, options=RunOptions(device="cpu"))
+    assert default.info["device"] == on_cpu.info["device"] == "cpu"
+    assert [(m.name, m.value) for m in on_cpu.metrics] == [(m.name, m.value) for m in default.metrics]
+    for key, col in default.predictions.items():
+        np.testing.assert_array_equal(on_cpu.predictions[key], col)
+    assert {k: v for k, v in on_cpu.info.items() if k != "fit_seconds"} == {
+        k: v for k, v in default.info.items() if k != "fit_seconds"
+    }
+    with pytest.raises(ValueError, match="MPS lacks"):  # the solver's float64: a clear error, not a crash
+        linear.run(blobs, {}, seed=0, options=RunOptions(device="mps"))
+    with pytest.raises(ValueError, match="MPS lacks"):
+        linear.fit_path(blobs.train, [1.0], N_CLASSES, device="mps")
+    if not torch.cuda.is_available():  # asked for CUDA without one: an error, never the CPU instead
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            linear.run(blobs, {}, seed=0, options=RunOptions(device="cuda"))
+
+
+def test_auto_device_skips_mps(blobs: ProbeData, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a Mac "auto" picks MPS (extraction uses it); the float64 solver then takes the CPU instead.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    res = linear.run(blobs, {"Cs": [1.0]}, seed=0, options=RunOptions(device="auto"))
+    assert res.info["device"] == "cpu"
 
 
 def test_labels_out_of_range(blobs: ProbeData) -> None:

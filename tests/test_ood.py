@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from bobench.metrics import balanced_acc, ece, nll
+from bobench.options import RunOptions
 from bobench.protocols import get_protocol, linear, ood
 from bobench.protocols.base import ArrayFeatures, OodSet, ProbeData
 
@@ -167,3 +169,17 @@ def test_accepted_classes_count_as_correct(data: ProbeData) -> None:
     by_hand = np.mean([p in (t, (t + 1) % K) for p, t in zip(pred, y, strict=True)])
     assert _metrics(res)["top1@ood=same"] == pytest.approx(by_hand)
     assert _metrics(res)["top1@ood=same"] > _metrics(plain)["top1"]
+
+
+def test_device_is_a_run_option(data: ProbeData, result) -> None:
+    with pytest.raises(ValueError, match=r"\['device'\].*is a run option.*--device"):
+        ood.run(data, {**PARAMS, "device": "cpu"}, seed=0)
+    on_cpu = ood.run(data, PARAMS, seed=0, options=RunOptions(device="cpu"))  # the default: same result
+    assert on_cpu.metrics == result.metrics and on_cpu.info["device"] == result.info["device"] == "cpu"
+    for key, col in result.predictions.items():
+        np.testing.assert_array_equal(on_cpu.predictions[key], col)
+    with pytest.raises(ValueError, match="MPS lacks"):
+        ood.run(data, PARAMS, seed=0, options=RunOptions(device="mps"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            ood.run(data, PARAMS, seed=0, options=RunOptions(device="cuda"))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import average_precision_score
 
+from bobench.options import RunOptions
 from bobench.protocols import retrieval
 from bobench.protocols.base import ArrayFeatures, ProbeData
 from bobench.protocols.retrieval_metrics import (
@@ -15,6 +17,8 @@ from bobench.protocols.retrieval_metrics import (
     revisitop_ap,
     revisitop_precision_at_k,
 )
+
+CPU = RunOptions(device="cpu")
 
 
 def _at(degrees: list[float]) -> np.ndarray:
@@ -92,7 +96,7 @@ def test_class_mode_by_hand():
     # q1 has label 2: no positive, left out
     # q2 (65 deg) ranks 5, 0, 4, 2, 3, 1 with labels 1 1 0 1 0 0: positives at ranks 0, 1, 3
     #   AP = (1 + 1 + 3/4) / 3 = 11/12, RR = 1, P@1 = 1, P@5 = 3/5, P@10 = 3/10
-    res = retrieval.run(_data(G, gy, Q, qy), {"device": "cpu"}, 0)
+    res = retrieval.run(_data(G, gy, Q, qy), {}, 0, CPU)
     m = _metrics(res)
     assert m["map"] == pytest.approx((37 / 90 + 11 / 12) / 2)
     assert m["mrr"] == pytest.approx((1 / 3 + 1) / 2)
@@ -108,7 +112,7 @@ def test_class_mode_by_hand():
     assert set(pred["setting"]) == {"class"}
 
     # truncated to the top 4: q0's positives at ranks 4 and 5 are not retrieved: (1/3) / 3 = 1/9
-    trunc = _metrics(retrieval.run(_data(G, gy, Q, qy), {"device": "cpu", "ks": [1, 2], "max_rank": 4}, 0))
+    trunc = _metrics(retrieval.run(_data(G, gy, Q, qy), {"ks": [1, 2], "max_rank": 4}, 0, CPU))
     assert trunc["map"] == pytest.approx((1 / 9 + 11 / 12) / 2)
 
 
@@ -121,14 +125,12 @@ def test_ties_rank_the_smaller_gallery_index_first():
     gy = [1, 0, 1, 0, 0]
     Q, qy = np.array([[1, 0]], np.float32), [0]
     for shard, bs in ((8192, 1024), (2, 1)):
-        params = {"device": "cpu", "batch_size": bs}
-        res = retrieval.run(_data(G, gy, Q, qy, shard_size=shard), params, 0)
+        params = {"batch_size": bs}
+        res = retrieval.run(_data(G, gy, Q, qy, shard_size=shard), params, 0, CPU)
         assert _metrics(res)["map"] == pytest.approx((1 / 3 + 2 / 4 + 3 / 5) / 3)
         assert _metrics(res)["mrr"] == pytest.approx(1 / 3)
     # the top-1 of a query equidistant from two items is the smaller index
-    res = retrieval.run(
-        _data(G[[1, 0, 4]], [5, 6, 7], np.array([[1, 0]], np.float32), [5]), {"device": "cpu"}, 0
-    )
+    res = retrieval.run(_data(G[[1, 0, 4]], [5, 6, 7], np.array([[1, 0]], np.float32), [5]), {}, 0, CPU)
     assert res.predictions["pred"].tolist() == [5] and res.predictions["confidence"][0] == 0.0
 
 
@@ -156,7 +158,7 @@ def test_class_mode_matches_sklearn_average_precision():
     rng = np.random.default_rng(1)
     G, gy = rng.normal(size=(200, 16)).astype(np.float32), rng.integers(0, 5, 200)
     Q, qy = rng.normal(size=(50, 16)).astype(np.float32), rng.integers(0, 5, 50)
-    m = _metrics(retrieval.run(_data(G, gy, Q, qy), {"device": "cpu"}, 0))
+    m = _metrics(retrieval.run(_data(G, gy, Q, qy), {}, 0, CPU))
     ref = _reference(G, gy, Q, qy, loo=False)
     assert m == pytest.approx(ref, abs=1e-9)
 
@@ -166,7 +168,7 @@ def test_leave_one_out_excludes_the_query_itself():
     X, y = rng.normal(size=(60, 8)).astype(np.float32), rng.integers(0, 6, 60)
     y[0] = 99  # alone in its class: no positive once itself is excluded
     train = rng.normal(size=(5, 8)).astype(np.float32)  # ignored in leave-one-out mode
-    res = retrieval.run(_data(train, [0] * 5, X, y), {"device": "cpu", "mode": "leave_one_out"}, 0)
+    res = retrieval.run(_data(train, [0] * 5, X, y), {"mode": "leave_one_out"}, 0, CPU)
     assert _metrics(res) == pytest.approx(_reference(X, y, X, y, loo=True), abs=1e-9)
     assert res.info["n_queries_without_positives"] == 1 and res.info["n_gallery"] == 60
     # the top-1 is never the query itself (its similarity 1 would win)
@@ -202,7 +204,7 @@ def test_revisitop_by_hand():
     # B easy = medium: 3 at rank 0: AP 1, every mP 1. B hard: no positive, skipped.
     # C easy: no positive, skipped. C medium = hard: junk 6 -> 7, 4 at ranks 1, 8:
     #           (0 + 1/2)/4 + (1/8 + 2/9)/4 = 61/288; pos 2, 9: mP@5 = 1/5, mP@10 = 2/9 (kq = 9)
-    res = retrieval.run(_revisitop_data(), {"device": "cpu"}, 0)
+    res = retrieval.run(_revisitop_data(), {}, 0, CPU)
     m = _metrics(res)
     assert res.info["gt"] == "revisitop"
     assert m["map@easy"] == pytest.approx((5 / 12 + 1) / 2)
@@ -226,18 +228,18 @@ def test_revisitop_by_hand():
     # top-1 after junk removal: A medium drops 3 -> 7; B keeps 3; C medium drops 6 only -> 3
     assert pred["pred"][:3].tolist() == [7, 3, 3]
     # easy only: A's top-1 is still 7, and the headline falls back to easy
-    only = retrieval.run(_revisitop_data(), {"device": "cpu", "settings": ["easy"]}, 0)
+    only = retrieval.run(_revisitop_data(), {"settings": ["easy"]}, 0, CPU)
     assert _metrics(only)["map"] == pytest.approx((5 / 12 + 1) / 2)
 
 
 def test_revisitop_junk_ranked_first_is_removed():
     # item 7 is ranked second, behind item 3: listing 3 as junk makes 7 the first result (AP 1)
-    with_junk = retrieval.run(_revisitop_data([{"easy": [7], "hard": [], "junk": [3]}]), {"device": "cpu"}, 0)
+    with_junk = retrieval.run(_revisitop_data([{"easy": [7], "hard": [], "junk": [3]}]), {}, 0, CPU)
     assert _metrics(with_junk)["map@easy"] == 1.0
-    plain = retrieval.run(_revisitop_data([{"easy": [7], "hard": [], "junk": []}]), {"device": "cpu"}, 0)
+    plain = retrieval.run(_revisitop_data([{"easy": [7], "hard": [], "junk": []}]), {}, 0, CPU)
     assert _metrics(plain)["map@easy"] == pytest.approx((0 + 1 / 2) / 2)  # rank 1: (0 + 1/2) / 2
     # junk behind the positive changes nothing
-    behind = retrieval.run(_revisitop_data([{"easy": [7], "hard": [], "junk": [4]}]), {"device": "cpu"}, 0)
+    behind = retrieval.run(_revisitop_data([{"easy": [7], "hard": [], "junk": [4]}]), {}, 0, CPU)
     assert _metrics(behind)["map@easy"] == _metrics(plain)["map@easy"]
 
 
@@ -266,7 +268,7 @@ def test_blockwise_equals_one_shot_and_brute_force_with_ties():
     first = {}
     for name, extras in (("class", {}), ("revisitop", {"retrieval_gt": gt})):
         runs = [
-            retrieval.run(_data(G, gy, Q, qy, shard, **extras), {"device": "cpu", **extra}, 0)
+            retrieval.run(_data(G, gy, Q, qy, shard, **extras), extra, 0, CPU)
             for shard, extra in (
                 (8192, {"batch_size": 1000}),
                 (7, {"batch_size": 3}),
@@ -299,6 +301,7 @@ def test_blockwise_equals_one_shot_and_brute_force_with_ties():
     ("params", "match"),
     [
         ({"k": [1]}, "unknown retrieval parameter"),
+        ({"device": "cpu"}, r"\['device'\].*'device' is a run option.*--device"),
         ({"mode": "loo"}, "'mode'"),
         ({"gt": "labels"}, "'gt'"),
         ({"ks": 5}, "'ks'"),
@@ -314,15 +317,29 @@ def test_blockwise_equals_one_shot_and_brute_force_with_ties():
 def test_bad_params_raise_one_clear_error(params, match):
     data = _data(_at([0, 10]), [0, 1], _at([5]), [0])
     with pytest.raises(ValueError, match=match):
-        retrieval.run(data, {"device": "cpu", **params}, 0)
+        retrieval.run(data, params, 0, CPU)
 
 
 def test_bad_ground_truth_raises():
     with pytest.raises(ValueError, match="twice"):
-        retrieval.run(_revisitop_data([{"easy": [1], "hard": [1], "junk": []}]), {"device": "cpu"}, 0)
+        retrieval.run(_revisitop_data([{"easy": [1], "hard": [1], "junk": []}]), {}, 0, CPU)
     with pytest.raises(ValueError, match="outside"):
-        retrieval.run(_revisitop_data([{"easy": [10], "hard": [], "junk": []}]), {"device": "cpu"}, 0)
+        retrieval.run(_revisitop_data([{"easy": [10], "hard": [], "junk": []}]), {}, 0, CPU)
     with pytest.raises(ValueError, match="leave_one_out"):
-        retrieval.run(_revisitop_data(), {"device": "cpu", "mode": "leave_one_out"}, 0)
+        retrieval.run(_revisitop_data(), {"mode": "leave_one_out"}, 0, CPU)
     with pytest.raises(ValueError, match="no query has a relevant"):
-        retrieval.run(_data(_at([0, 10]), [0, 1], _at([5]), [7]), {"device": "cpu"}, 0)
+        retrieval.run(_data(_at([0, 10]), [0, 1], _at([5]), [7]), {}, 0, CPU)
+
+
+# ------------------------------------------------------------------------------------ run options
+def test_device_comes_from_run_options_only():
+    data = _data(_at([50, 10, 30]), [1, 0, 1], _at([0, 65]), [1, 1])
+    default = retrieval.run(data, {}, 0)  # no options: the protocol's own default ("auto")
+    on_cpu = retrieval.run(data, {}, 0, CPU)
+    assert on_cpu.info["device"] == "cpu"
+    assert _metrics(on_cpu) == _metrics(default)
+    for key, col in on_cpu.predictions.items():
+        np.testing.assert_array_equal(default.predictions[key], col)
+    if not torch.cuda.is_available():  # an explicit CUDA request never falls back to the CPU
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            retrieval.run(data, {}, 0, RunOptions(device="cuda"))

@@ -3,19 +3,39 @@
 A protocol is one evaluation method (linear probe, kNN, few-shot, ...). Frozen-feature protocols take
 cached features (:class:`Features`: anything with ``n``, ``dim``, ``labels``, ``iter_shards()`` and
 ``load()``, i.e. a :class:`bobench.features.FeatureSet` or an in-memory :class:`ArrayFeatures`) and
-return a :class:`ProtocolResult`. Each protocol module exposes ``run(data, params, seed)``.
+return a :class:`ProtocolResult`. Each protocol module exposes::
+
+    run(data: ProbeData, params: Mapping[str, Any], seed: int, options: RunOptions | None = None)
+        -> ProtocolResult
+
+* ``params``: *what* is computed, from the task (part of its config hash). Unknown keys raise
+  ValueError (:func:`check_param_keys`); the run options below are never params.
+* ``seed``: seeds whatever the protocol draws (folds, few-shot subsets); deterministic ones ignore it.
+* ``options``: *how* it runs (:class:`bobench.options.RunOptions`; the protocols read ``device``),
+  chosen once at the edge (``--device``) and resolved by :func:`run_device`. None (a library call)
+  keeps the protocol's own default device: ``cpu`` for the linear probe (and so few-shot's probe and
+  OOD), ``auto`` for kNN and retrieval.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from bobench.metrics import Metric
+from bobench.options import RunOptions
 from bobench.registry import suggest
+
+if TYPE_CHECKING:
+    import torch
+
+#: CLI flags of the run options a task might try to set as parameters
+_RUN_OPTION_FLAGS = {"device": "--device", "precision": "--precision", "num_workers": "--workers"}
+# batch_size is left out: in some protocols' params it is their own chunk size (rows per block)
+_RUN_OPTION_FIELDS = tuple(f.name for f in fields(RunOptions) if f.name != "batch_size")
 
 
 class Features(Protocol):
@@ -130,11 +150,70 @@ class ProtocolResult:
 
 
 def check_param_keys(params: Mapping[str, Any], allowed: Sequence[str], what: str) -> None:
-    """Raise ValueError naming every key of ``params`` that is not in ``allowed`` (with a suggestion)."""
+    """Raise ValueError naming every key of ``params`` that is not in ``allowed``, with a suggestion;
+    for a run option (``device``, ``precision``, ...) the suggestion is where to set it instead."""
     unknown = [k for k in params if k not in allowed]
-    if unknown:
+    if not unknown:
+        return
+    options = [k for k in unknown if k in _RUN_OPTION_FIELDS]
+    if options:
+        where = ", ".join(
+            f"{_RUN_OPTION_FLAGS[k]} (RunOptions.{k})" if k in _RUN_OPTION_FLAGS else f"RunOptions.{k}"
+            for k in options
+        )
+        names = " and ".join(repr(k) for k in options)
+        one = len(options) == 1
+        are, it = (
+            ("is a run option, not a task parameter", "it")
+            if one
+            else ("are run options, not task parameters", "them")
+        )
+        hint = (
+            f" {names} {are}: remove {it} from the task and choose {where} when"
+            " running (how a task runs must not change its config hash)."
+        )
+    else:
         hint = suggest(str(unknown[0]), [str(a) for a in allowed])
-        raise ValueError(f"unknown {what} parameter(s) {unknown}; allowed: {', '.join(allowed)}.{hint}")
+    raise ValueError(f"unknown {what} parameter(s) {unknown}; allowed: {', '.join(allowed)}.{hint}")
+
+
+def compute_device(device: str | torch.device, float64: str | None = None) -> torch.device:
+    """Resolve a device name (``auto`` | ``cpu`` | ``cuda[:N]`` | ``mps``) for protocol compute.
+
+    :func:`bobench.device.resolve_placement` chooses (``auto``: CUDA, then MPS, then the CPU) and
+    refuses a CUDA device on a machine without one: never a silent fallback.
+
+    Args:
+        device: the device name, or an already resolved ``torch.device``.
+        float64: for a computation that needs float64 (the linear solver, the kNN vote), its name:
+            MPS, which lacks float64, is then refused when asked for by name, and ``auto`` takes the
+            CPU instead of it (``auto`` means the best device that can run it).
+
+    Raises:
+        ValueError: an unknown device, CUDA without a CUDA GPU, or MPS for a float64 computation.
+    """
+    from bobench.device import resolve_placement  # imports torch: only when a protocol runs
+
+    dev = resolve_placement(str(device)).device
+    if dev.type == "mps" and float64 is not None:
+        if str(device) == "auto":
+            return resolve_placement("cpu").device
+        raise ValueError(
+            f"the {float64} accumulates in float64, which MPS lacks; use --device auto (which runs it "
+            "on the CPU) or --device cpu"
+        )
+    return dev
+
+
+def run_device(options: RunOptions | None, default: str, float64: str | None = None) -> torch.device:
+    """The device a protocol's ``run`` computes on: ``options.device``, or ``default`` when
+    ``options`` is None (a library call), resolved by :func:`compute_device` (same ``float64``).
+
+    Example:
+        >>> run_device(RunOptions(device="cpu"), "auto")
+        device(type='cpu')
+    """
+    return compute_device(default if options is None else options.device, float64)
 
 
 def is_int(x: Any) -> bool:
@@ -145,7 +224,3 @@ def is_int(x: Any) -> bool:
 def is_positive_number(x: Any) -> bool:
     """A finite number > 0 (bools no)."""
     return not isinstance(x, bool) and isinstance(x, int | float) and 0 < x < float("inf")
-
-
-class ProtocolFn(Protocol):
-    def __call__(self, data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult: ...

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from bobench.metrics import Metric, top1
+from bobench.options import RunOptions
 from bobench.protocols import knn, linear
 from bobench.protocols.base import (
     ArrayFeatures,
@@ -41,6 +42,7 @@ from bobench.protocols.base import (
     check_param_keys,
     is_int,
     is_positive_number,
+    run_device,
 )
 
 DEFAULT_PARAMS: dict[str, Any] = {
@@ -105,7 +107,9 @@ def subset_hash(index: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(index, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult:
+def run(
+    data: ProbeData, params: Mapping[str, Any], seed: int, options: RunOptions | None = None
+) -> ProtocolResult:
     """Few-shot linear probe and kNN, mean and spread over ``n_seeds`` draws per shot count.
 
     Args:
@@ -115,6 +119,7 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
             for :func:`knn.run`, merged over ``{"ks": (1, 20)}``), ``fixed_C`` (C without val).
         seed: first draw seed (>= 0); draws use ``seed .. seed + n_seeds - 1``, also passed to the
             protocols.
+        options: run options, passed to both protocols (None: each keeps its own default device).
 
     Returns:
         Metrics as in the module docstring (never rank on ``:std``); no per-sample predictions; info
@@ -150,9 +155,9 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
     for shot, draws in subsets.items():
         for s, index in zip(seeds, draws, strict=True):
             train = pool.subset(np.searchsorted(pool_index, index))
-            lin_top1, C = _linear_top1(data, train, p, s)
+            lin_top1, C = _linear_top1(data, train, p, s, options)
             sub = ProbeData(train, data.test, None, data.n_classes, data.classes)
-            knn_top1 = _metric(knn.run(sub, p["knn"], s).metrics, "top1")
+            knn_top1 = _metric(knn.run(sub, p["knn"], s, options).metrics, "top1")
             per_seed["linear"].setdefault(str(shot), []).append(lin_top1)
             per_seed["knn"].setdefault(str(shot), []).append(knn_top1)
             chosen_C.setdefault(str(shot), []).append(C)
@@ -218,18 +223,18 @@ def _gather(features: Features, index: np.ndarray) -> ArrayFeatures:
 
 
 def _linear_top1(
-    data: ProbeData, train: ArrayFeatures, p: Mapping[str, Any], seed: int
+    data: ProbeData, train: ArrayFeatures, p: Mapping[str, Any], seed: int, options: RunOptions | None
 ) -> tuple[float, float]:
     """Test top-1 of the probe on one few-shot subset, and its C."""
     if data.val is not None:
-        res = linear.run(
-            ProbeData(train, data.test, data.val, data.n_classes, data.classes), p["linear"], seed
-        )
+        sub = ProbeData(train, data.test, data.val, data.n_classes, data.classes)
+        res = linear.run(sub, p["linear"], seed, options)
         return _metric(res.metrics, "top1"), float(res.info["C"])
     # No val: one fit at fixed_C (the probe's k-fold selection cannot work on 1 sample per class).
     lp = {k: v for k, v in p["linear"].items() if k not in _GRID_KEYS}
     lp = linear.resolve_params({**lp, "Cs": [p["fixed_C"]]})
-    kw = {"device": lp["device"], "batch_size": lp["batch_size"], "memory_budget_gb": lp["memory_budget_gb"]}
+    device = run_device(options, "cpu", linear.SOLVER_NAME)  # as linear.run chooses it
+    kw = {"device": device, "batch_size": lp["batch_size"], "memory_budget_gb": lp["memory_budget_gb"]}
     (model,) = linear.fit_path(train, lp["Cs"], data.n_classes, max_iter=lp["max_iter"], tol=lp["tol"], **kw)
     probs = linear.predict_proba(model, data.test, **kw)
     return top1(probs, np.asarray(data.test.labels)), float(p["fixed_C"])

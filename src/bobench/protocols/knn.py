@@ -21,8 +21,12 @@ a matmul's rounding depends on block shapes, so different ``block_size``s can re
 Memory stays bounded on large galleries (1.28M ImageNet train rows): the gallery is streamed once,
 shard by shard (memory-mapped for a :class:`~bobench.features.FeatureSet`) in pieces sized by
 ``memory_budget_gb``; for each piece and each block of ``block_size`` queries the block's top-k is
-merged into the running top-k. Queries (test, plus val when given) and the running ``[Q, max(ks)]``
-lists are held in memory.
+merged into the running top-k (:mod:`bobench.protocols.knn_search`). Queries (test, plus val when
+given) and the running ``[Q, max(ks)]`` lists are held in memory.
+
+Device: :func:`run` computes on ``options.device`` (:class:`bobench.options.RunOptions`,
+``--device``), never a parameter; ``auto`` when it gets no options. The vote accumulates in float64,
+which MPS lacks: ``mps`` is refused, and ``auto`` takes the CPU where it would pick MPS.
 
 Example:
     >>> out = knn_predict(train_X, train_y, test_X, ks=(1, 20))   # [5000, 384], [5000], [1000, 384]
@@ -33,7 +37,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,25 +45,31 @@ import numpy as np
 import torch
 
 from bobench.calibration import vote_calibration
-from bobench.device import resolve_placement
 from bobench.metrics import Metric, balanced_acc_of_predictions
+from bobench.options import RunOptions
 from bobench.protocols.base import (
     Features,
     ProbeData,
     ProtocolResult,
     check_param_keys,
+    compute_device,
     is_int,
     is_positive_number,
+    run_device,
 )
+from bobench.protocols.knn_search import search, unit_rows
+
+__all__ = ["DEFAULT_KS", "DEFAULT_PARAMS", "HEADLINE_K", "KnnPredictions", "knn_predict"]
+__all__ += ["VOTE_NAME", "resolve_params", "run", "setting_name"]
 
 DEFAULT_KS = (1, 10, 20, 50, 100, 200)
 #: DINO reports the weighted vote at k = 20 (T = 0.07); that is our headline ``top1``.
 HEADLINE_K = 20
+VOTE_NAME = "kNN vote"  # names the float64 vote in compute_device's MPS error
 DEFAULT_PARAMS: dict[str, Any] = {
     "ks": DEFAULT_KS,
     "temperature": 0.07,
     "block_size": 4096,  # queries per similarity block
-    "device": "auto",
     "memory_budget_gb": 1.0,  # gallery piece + similarity block; queries and top-k lists come on top
 }
 
@@ -125,7 +135,8 @@ def knn_predict(
         block_size: queries per similarity block.
         gallery_block_size: gallery rows per piece; None derives it from ``memory_budget_gb``.
         memory_budget_gb: bound on one gallery piece plus its similarity block.
-        device: torch device for the similarities (``"auto"`` picks CUDA when present).
+        device: where the similarities and votes are computed (a device name as for ``--device``:
+            ``"auto"`` picks CUDA when present; MPS lacks the vote's float64).
 
     Returns:
         :class:`KnnPredictions`.
@@ -134,7 +145,7 @@ def knn_predict(
         ValueError: empty gallery, mismatched dims or lengths, non-finite features, negative labels,
             bad ``ks``/``temperature``/block sizes.
     """
-    dev = _resolve_device(device)
+    dev = compute_device(device, VOTE_NAME)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if block_size < 1 or (gallery_block_size is not None and gallery_block_size < 1):
@@ -160,29 +171,19 @@ def knn_predict(
         # workspace (8 B/query)
         gallery_block_size = max(1, int(memory_budget_gb * 2**30) // (8 * dim + 8 * block_size))
 
-    queries = _unit_rows(test_X, "test_X", dev)
+    queries = unit_rows(test_X, "test_X", dev)
     n_q = len(queries)
-    vals = torch.empty(n_q, 0, device=dev)
-    idx = torch.empty(n_q, 0, dtype=torch.long, device=dev)
-    labels_seen: list[np.ndarray] = []
-    offset, ties = 0, 0
-    for piece, piece_y in _gallery_pieces(train_X, train_y, gallery_block_size):
-        labels_seen.append(np.asarray(piece_y, dtype=np.int64))
-        g = _unit_rows(piece, "train_X", dev)
-        new_v, new_i = [], []
-        for s in range(0, n_q, block_size):
-            v, i, t = _block_topk(queries[s : s + block_size] @ g.T, kmax)
-            new_v.append(v)
-            new_i.append(i + offset)
-            ties += t
-        if offset == 0:  # the first piece: nothing to merge with
-            vals, idx = torch.cat(new_v), torch.cat(new_i)
-        else:
-            vals, idx = _merge(vals, idx, torch.cat(new_v), torch.cat(new_i), kmax)
-        offset += len(g)
-    gallery_y = np.concatenate(labels_seen)
-    if offset != n_gallery:
-        raise ValueError(f"the gallery yielded {offset} rows but declares n={n_gallery}")
+    hits = search(
+        train_X,
+        train_y,
+        queries,
+        kmax,
+        block_size=block_size,
+        piece_rows=gallery_block_size,
+        device=dev,
+        what="train_X",
+    )
+    vals, idx, gallery_y = hits.similarities, hits.indices, hits.gallery_labels
     if gallery_y.min() < 0:
         raise ValueError(f"labels must be >= 0, got {gallery_y.min()}")
     n_classes = max(int(n_classes or 0), int(gallery_y.max()) + 1)
@@ -204,12 +205,14 @@ def knn_predict(
         whole["pred"],
         whole["confidence"],
         whole["top5"],
-        ties,
+        hits.boundary_ties,
         whole["probs"],
     )
 
 
-def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult:
+def run(
+    data: ProbeData, params: Mapping[str, Any], seed: int, options: RunOptions | None = None
+) -> ProtocolResult:
     """The kNN protocol: gallery = train, scored on test for every k and both votes.
 
     kNN has nothing to tune, so nothing is chosen on val: when ``data.val`` is given, its top-1 for
@@ -217,9 +220,10 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
 
     Args:
         data: train (gallery), test, optional val.
-        params: any of ``ks``, ``temperature``, ``block_size``, ``device``, ``memory_budget_gb``
-            (defaults in :data:`DEFAULT_PARAMS`).
+        params: any of ``ks``, ``temperature``, ``block_size``, ``memory_budget_gb`` (defaults in
+            :data:`DEFAULT_PARAMS`).
         seed: unused (kNN is deterministic); accepted for the protocol contract.
+        options: run options; computes on ``options.device`` (None: ``auto``).
 
     Returns:
         Metrics, all ``higher_is_better``: ``top1`` (weighted vote, k = 20 clipped to the gallery size;
@@ -229,21 +233,23 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
         every k; calibration of the headline vote's probabilities (lower is better): ``ece``,
         ``ece_em``, ``nll`` and, with a val split, ``ece_ts``, ``ece_em_ts``, ``nll_ts`` under a
         temperature fitted on val (see :func:`bobench.calibration.vote_calibration`). Predictions for
-        every setting, with a ``setting`` column.
+        every setting, with a ``setting`` column. ``info`` records the ``device`` used.
 
     Raises:
-        ValueError: an unknown or invalid parameter (named), or an empty split.
+        ValueError: an unknown or invalid parameter (named; ``device`` is a run option), an empty
+            split, or a device that cannot run it (no CUDA GPU; MPS).
     """
     del seed
     p = resolve_params(params)
+    dev = run_device(options, "auto", VOTE_NAME)
     t0 = time.perf_counter()
     test_X, test_y = data.test.load()
     if len(test_y) == 0:
         raise ValueError("kNN: the test split is empty")
     val_X, val_y = data.val.load() if data.val is not None else (test_X[:0], test_y[:0])
-    kw = {key: p[key] for key in ("temperature", "block_size", "memory_budget_gb", "device")}
+    kw = {key: p[key] for key in ("temperature", "block_size", "memory_budget_gb")}
     queries = np.concatenate([test_X, val_X])  # one pass over the gallery scores both
-    out = knn_predict(data.train, None, queries, p["ks"], n_classes=data.n_classes, **kw)
+    out = knn_predict(data.train, None, queries, p["ks"], n_classes=data.n_classes, device=dev, **kw)
     n_test = len(test_y)
     head = setting_name(min(HEADLINE_K, data.train.n), "weighted")
     pred_h = out.pred[head][:n_test]
@@ -272,6 +278,7 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
         "n_train": data.train.n,
         "n_test": n_test,
         "boundary_ties": out.boundary_ties,
+        "device": str(dev),
         "wall_time_s": time.perf_counter() - t0,
     }
     if data.val is not None:
@@ -303,96 +310,11 @@ def resolve_params(params: Mapping[str, Any]) -> dict[str, Any]:
 # -- internals ----------------------------------------------------------------------------------------
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    dev = resolve_placement(str(device)).device  # the one place devices are chosen ("auto": CUDA, MPS, CPU)
-    if dev.type == "mps":
-        raise ValueError("the kNN vote accumulates in float64, which MPS lacks; use device 'cpu'")
-    return dev
-
-
 def _clip_ks(ks: Sequence[int], n_gallery: int, headline_k: int | None) -> tuple[int, ...]:
     ks = list(ks) + ([headline_k] if headline_k is not None else [])
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be non-empty and >= 1, got {list(ks)}")
     return tuple(sorted({min(int(k), n_gallery) for k in ks}))
-
-
-def _unit_rows(x: np.ndarray, what: str, dev: torch.device) -> torch.Tensor:
-    """``x`` [n, D] as float32 rows of unit L2 norm on ``dev`` (zero rows stay zero), as F.normalize.
-
-    The norms double as the finiteness check: a NaN or inf anywhere in a row makes its norm non-finite.
-    """
-    arr = np.ascontiguousarray(x, dtype=np.float32)
-    if not arr.flags.writeable:  # a read-only memory map: copy the piece (torch wants writable memory)
-        arr = arr.copy()
-    t = torch.from_numpy(arr).to(dev)
-    norms = torch.linalg.vector_norm(t, dim=1, keepdim=True)
-    if not bool(torch.isfinite(norms).all()):
-        raise ValueError(f"{what} contains NaN or inf features (or rows whose norm overflows float32)")
-    return t / norms.clamp_min(1e-12)  # out of place: never write into the caller's array
-
-
-def _gallery_pieces(
-    train_X: np.ndarray | Features, train_y: np.ndarray | None, rows: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Gallery rows in order, in pieces of ``rows`` (the last may be shorter), cut from shards or joined
-    across them: fewer, larger pieces mean fewer top-k merges. A memory map is read one piece at a time."""
-    shards = [(train_X, train_y)] if isinstance(train_X, np.ndarray) else train_X.iter_shards()
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-    have = 0
-    for X, y in shards:
-        start = 0
-        while start < len(y):
-            take = min(rows - have, len(y) - start)
-            xs.append(X[start : start + take])
-            ys.append(y[start : start + take])
-            have, start = have + take, start + take
-            if have == rows:
-                yield _join(xs), _join(ys)
-                xs, ys, have = [], [], 0
-    if have:
-        yield _join(xs), _join(ys)
-
-
-def _join(parts: list[np.ndarray]) -> np.ndarray:
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one part: stays a lazy memmap slice
-
-
-def _block_topk(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Top-k of each row of ``sims`` [b, g], ordered by (value desc, column asc); and the tie count.
-
-    ``torch.topk`` returns the right *values*, but among equal values at the k-th place it may pick any
-    columns. Taking k + 1 detects that case for free (the k-th and (k+1)-th values are equal); those
-    rows (rare: duplicated images) are redone with a stable full sort, the others have a unique top-k
-    set that only needs ordering.
-    """
-    g = sims.shape[1]
-    if k >= g:
-        v, cols = sims.sort(dim=1, descending=True, stable=True)
-        return v, cols, 0
-    v, i = sims.topk(k + 1, dim=1, sorted=False)
-    two_smallest = v.topk(2, dim=1, largest=False).values  # (k+1)-th and k-th largest of the row
-    tied = (two_smallest[:, 0] == two_smallest[:, 1]).nonzero().squeeze(1)
-    i, order = i.sort(dim=1)  # column order first, so the stable value sort breaks ties by column
-    v, order = v.gather(1, order).sort(dim=1, descending=True, stable=True)
-    v, i = v[:, :k].contiguous(), i.gather(1, order)[:, :k].contiguous()
-    if len(tied):
-        v_t, i_t = sims[tied].sort(dim=1, descending=True, stable=True)
-        v[tied], i[tied] = v_t[:, :k], i_t[:, :k]
-    return v, i, len(tied)
-
-
-def _merge(
-    vals: torch.Tensor, idx: torch.Tensor, new_v: torch.Tensor, new_i: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two (value desc, index asc)-ordered lists; every index in ``new_i`` exceeds those in ``idx``.
-
-    In the concatenation, equal values therefore appear in index order, and a stable sort keeps it.
-    """
-    cat_v, cat_i = torch.cat([vals, new_v], dim=1), torch.cat([idx, new_i], dim=1)
-    cat_v, order = cat_v.sort(dim=1, descending=True, stable=True)
-    return cat_v[:, :k], cat_i.gather(1, order)[:, :k]
 
 
 def _vote(

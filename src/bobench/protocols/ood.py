@@ -40,8 +40,9 @@ from typing import Any
 import numpy as np
 
 from bobench.metrics import Metric
+from bobench.options import RunOptions
 from bobench.protocols import linear
-from bobench.protocols.base import OodSet, ProbeData, ProtocolResult
+from bobench.protocols.base import OodSet, ProbeData, ProtocolResult, run_device
 
 __all__ = ["SET_METRICS", "mask_logits", "run"]
 
@@ -102,7 +103,9 @@ def _rows(probs: np.ndarray, labels: np.ndarray, setting: str) -> dict[str, np.n
     }
 
 
-def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult:
+def run(
+    data: ProbeData, params: Mapping[str, Any], seed: int, options: RunOptions | None = None
+) -> ProtocolResult:
     """Train the linear probe in distribution; score the ID test split and every OOD set.
 
     Args:
@@ -111,6 +114,8 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
         params: the linear protocol's (:data:`bobench.protocols.linear.DEFAULTS`); ``metrics`` names the
             in-distribution metrics and adds to the per-set ones (:data:`SET_METRICS`).
         seed: seeds the k-fold split when there is no val split.
+        options: run options; the probe runs on ``options.device`` (None: the CPU, as
+            :func:`bobench.protocols.linear.run`).
 
     Returns:
         The metrics listed in the module docstring; predictions for the ID test split (setting ``id``)
@@ -120,7 +125,8 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
 
     Raises:
         ValueError: no ``ood`` sets in ``data.extras``, a malformed set, a set none of whose classes
-            occur in train, bad params, or labels out of range.
+            occur in train, bad params (``device`` is a run option), labels out of range, or a device
+            that cannot run the probe.
     """
     sets = data.extras.get("ood")
     if not sets:
@@ -129,14 +135,15 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
             "{name: dataset spec} (data.extras has no 'ood' sets)"
         )
     p = linear.resolve_params(params)
+    device = run_device(options, "cpu", linear.SOLVER_NAME)
     for name, s in sets.items():
         _check_set(name, s, data.n_classes)
     labels = np.asarray(data.test.labels, dtype=np.int64)
     if data.test.n == 0 or labels.min() < 0 or labels.max() >= data.n_classes:
         raise ValueError(f"the test split must be non-empty with labels in [0, {data.n_classes})")
-    model, info = linear.fit_selected(data, p, seed)
+    model, info = linear.fit_selected(data, p, seed, device)
     T = info["temperature"]
-    kw = {"device": p["device"], "batch_size": p["batch_size"], "memory_budget_gb": p["memory_budget_gb"]}
+    kw = {"device": device, "batch_size": p["batch_size"], "memory_budget_gb": p["memory_budget_gb"]}
 
     id_names = p["metrics"] if "top1" in p["metrics"] else ["top1", *p["metrics"]]
     metrics, probs = linear.score_logits(linear.predict_logits(model, data.test, **kw), labels, id_names, T)

@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bobench.device import resolve_placement
 from bobench.metrics import Metric
+from bobench.options import RunOptions
 from bobench.protocols.base import (
     Features,
     ProbeData,
@@ -56,8 +56,9 @@ from bobench.protocols.base import (
     check_param_keys,
     is_int,
     is_positive_number,
+    run_device,
 )
-from bobench.protocols.knn import _block_topk, _gallery_pieces, _merge, _unit_rows
+from bobench.protocols.knn_search import block_topk, gallery_pieces, merge_topk, unit_rows
 from bobench.protocols.retrieval_metrics import (
     SETTING_ROLES,
     GroundTruth,
@@ -87,7 +88,6 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "settings": REVISITOP_SETTINGS,
     "ks": (1, 5, 10),
     "batch_size": 1024,  # queries per similarity block
-    "device": "auto",
     "max_rank": None,  # None: exact metrics over the full ranking
     "memory_budget_gb": 1.0,  # one gallery piece plus its similarity block and rank-counting workspace
 }
@@ -99,7 +99,9 @@ _SHIFT = 2**31  # gallery indices fit below it; key = (2**31 - 1 - ordered_bits(
 _PAD = torch.iinfo(torch.int64).max  # beyond every key of a finite similarity
 
 
-def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult:
+def run(
+    data: ProbeData, params: Mapping[str, Any], seed: int, options: RunOptions | None = None
+) -> ProtocolResult:
     """Retrieval: rank the gallery for every query and score the rankings (see the module docstring).
 
     Args:
@@ -107,6 +109,7 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
             ``extras["retrieval_gt"]`` for revisitop ground truth.
         params: any of :data:`DEFAULT_PARAMS`.
         seed: unused (retrieval is deterministic).
+        options: run options; similarities are computed on ``options.device`` (None: ``auto``).
 
     Returns:
         Metrics (all higher is better). Class: ``map``, ``mrr``, ``recall@{k}``, ``precision@{k}``.
@@ -117,11 +120,13 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
         item; -1 if none), ``confidence`` (its cosine similarity), ``setting``.
 
     Raises:
-        ValueError: a bad parameter, malformed ground truth, mismatched or empty splits, non-finite
-            features, or no query with a positive.
+        ValueError: a bad parameter (``device`` is a run option, not a parameter), malformed ground
+            truth, mismatched or empty splits, non-finite features, no query with a positive, or a
+            CUDA device on a machine without one.
     """
     del seed
     p = resolve_params(params)
+    dev = run_device(options, "auto")
     t0 = time.perf_counter()
     gt = p["gt"] if p["gt"] != "auto" else ("revisitop" if "retrieval_gt" in data.extras else "class")
     loo = p["mode"] == "leave_one_out"
@@ -141,13 +146,12 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
         raise ValueError(f"retrieval: gallery of {n_g} x {gallery.dim} does not fit queries {query_X.shape}")
     settings = ("class",) if gt == "class" else p["settings"]
     truth = GroundTruth(query_y, n_g, loo, data.extras.get("retrieval_gt") if gt == "revisitop" else None)
-    dev = resolve_placement(str(p["device"])).device
     n_junk = {s: truth.n_role[:, list(SETTING_ROLES[s][1])].sum(1) for s in settings}
     k_top = min(n_g, int(max(int(j.max()) for j in n_junk.values())) + (p["max_rank"] or 1))
     bs = p["batch_size"]
     rows = max(1, int(p["memory_budget_gb"] * 2**30) // (8 * gallery.dim + 40 * bs))
 
-    queries = _unit_rows(query_X, "test features (queries)", dev)
+    queries = unit_rows(query_X, "test features (queries)", dev)
     exact = p["max_rank"] is None
     top_v, top_i, gallery_y, found = _scan(gallery, queries, truth, k_top, exact, bs, rows, dev)
     truth.set_gallery_labels(gallery_y)
@@ -215,6 +219,7 @@ def run(data: ProbeData, params: Mapping[str, Any], seed: int) -> ProtocolResult
         "n_labelled_pairs": len(qid),
         "batch_size": bs,
         "gallery_piece_rows": rows,
+        "device": str(dev),
         "timings_s": {"scan": t1 - t0, "rank": t2 - t1, "score": time.perf_counter() - t2},
         "wall_time_s": time.perf_counter() - t0,
     }
@@ -247,8 +252,6 @@ def resolve_params(params: Mapping[str, Any]) -> dict[str, Any]:
     p["settings"], p["ks"] = tuple(st), tuple(sorted({int(k) for k in ks}))
     if not is_int(p["batch_size"]) or p["batch_size"] < 1:
         raise bad("batch_size", "an int >= 1")
-    if not isinstance(p["device"], str | torch.device):
-        raise bad("device", "a device name such as 'auto', 'cpu' or 'cuda'")
     mr = p["max_rank"]
     if mr is not None and (not is_int(mr) or mr < max(p["ks"])):
         raise bad("max_rank", f"None (exact) or an int >= max(ks) = {max(p['ks'])}")
@@ -289,14 +292,14 @@ def _scan(
     found: _Found = []
     labels: list[np.ndarray] = []
     offset = 0
-    for piece, piece_y in _gallery_pieces(gallery, None, rows):
+    for piece, piece_y in gallery_pieces(gallery, None, rows):
         labels.append(np.asarray(piece_y, dtype=np.int64))
-        g = _unit_rows(piece, "gallery features", dev)
+        g = unit_rows(piece, "gallery features", dev)
         py = torch.from_numpy(labels[-1]).to(dev)
         new_v, new_i, here = [], [], []
         for s in range(0, n_q, bs):
             sims = queries[s : s + bs] @ g.T
-            v, i, _ = _block_topk(sims, k_top)
+            v, i, _ = block_topk(sims, k_top)
             new_v.append(v)
             new_i.append(i + offset)
             if exact:
@@ -306,7 +309,7 @@ def _scan(
         if vals is None or idx is None:
             vals, idx = torch.cat(new_v), torch.cat(new_i)
         else:
-            vals, idx = _merge(vals, idx, torch.cat(new_v), torch.cat(new_i), k_top)
+            vals, idx = merge_topk(vals, idx, torch.cat(new_v), torch.cat(new_i), k_top)
         offset += len(g)
     if offset != gallery.n or vals is None or idx is None:
         raise ValueError(f"the gallery yielded {offset} rows but declares n={gallery.n}")
@@ -344,8 +347,8 @@ def _count_ranks(
         keys[r, slot] = k
         block_keys.append(keys)
     ranks = [torch.zeros_like(k) for k in block_keys]
-    for (piece, _), (off, here) in zip(_gallery_pieces(gallery, None, rows), found, strict=True):
-        g = _unit_rows(piece, "gallery features", dev)
+    for (piece, _), (off, here) in zip(gallery_pieces(gallery, None, rows), found, strict=True):
+        g = unit_rows(piece, "gallery features", dev)
         cols = torch.arange(off, off + len(g), device=dev)
         for j, s in enumerate(range(0, len(queries), bs)):
             width = block_keys[j].shape[1]

@@ -1,0 +1,354 @@
+"""The linear probe's model and solver: multinomial logistic regression on standardised frozen
+features, a whole regularisation path in one call. The protocol around it (choosing C, scoring) is
+:mod:`bobench.protocols.linear`.
+
+Objective, the one sklearn's ``LogisticRegression(C=C)`` minimises (so values of C are comparable),
+divided by ``C N``::
+
+    min over W [K, D], b [K]:   mean_i CE(softmax(W z_i + b), y_i) + ||W||^2 / (2 C N)
+
+``z = (x - mean) / std`` with the train split's statistics (:func:`standardization`), ``N`` training
+rows, ``K`` the classes present in them (an absent class keeps its column with probability 0), bias
+unpenalised; larger C = weaker regularisation. Default grid: 10 values of C log-spaced over
+``[1e-4, 1e2]`` (:func:`default_Cs`).
+
+Solver: full-batch L-BFGS (:class:`~bobench.protocols.lbfgs.LBFGS`), strongest regularisation first,
+each C warm-started from the previous solution *and* curvature memory. A fit stops when a quasi-Newton
+step lowers the objective by at most ``tol`` times its value. Loss and gradient are sums over row chunks of
+``batch_size`` rows (float32 matmuls, float64 softmax and sums): the same function for every chunk
+size up to float rounding, and exactly the same for a given chunk size whether the split is cached or
+streamed. A split whose float32 size exceeds ``memory_budget_gb`` is never loaded: every evaluation
+streams its memory-mapped shards (``iter_shards``); below the budget it is read once into a tensor on
+the device and reused (:class:`StandardisedSplit`).
+
+Example:
+    >>> models = fit_path(ArrayFeatures(X, y), default_Cs(), n_classes=5)  # X [600, 64], 10 models
+    >>> predict_proba(models[3], X_test).shape                              # X_test [200, 64]
+    (200, 5)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from bobench.protocols.base import ArrayFeatures, Features, compute_device
+from bobench.protocols.lbfgs import LBFGS
+
+__all__ = ["BATCH_SIZE", "MAX_ITER", "MEMORY_BUDGET_GB", "SOLVER_NAME", "TOL", "LinearModel"]
+__all__ += ["StandardisedSplit"]
+__all__ += ["check_Cs", "check_labels", "count_correct", "default_Cs", "fit_path", "fit_split"]
+__all__ += ["predict_logits", "predict_proba", "softmax", "split_logits", "standardization"]
+
+MAX_ITER = 1000  # L-BFGS iterations per value of C
+TOL = 1e-7  # stop when a quasi-Newton step lowers the objective by at most tol * objective
+MEMORY_BUDGET_GB = 4.0  # per split: above it the split is streamed from its shards
+BATCH_SIZE = 16384  # rows per chunk of a loss/gradient evaluation
+_PARALLEL_WORK = 2**24  # multiply-adds of one pass (N D K) below which one CPU thread is faster
+_STATS_ROWS = 4096  # fixed chunk of the standardisation statistics: they never depend on batch_size
+SOLVER_NAME = "linear probe"  # names the float64 solver in compute_device's MPS error
+
+
+@dataclass(frozen=True)
+class LinearModel:
+    """One point of a fitted path: ``probs = softmax(((x - mean) / scale) @ weight.T + bias)`` over
+    ``classes``, scattered into ``n_classes`` columns (the others get probability 0)."""
+
+    C: float
+    weight: np.ndarray  # [K, D] float32
+    bias: np.ndarray  # [K] float32
+    classes: np.ndarray  # [K] int64: the class ids present in the training rows
+    n_classes: int
+    mean: np.ndarray  # [D] float64
+    scale: np.ndarray  # [D] float64, floored (see standardization)
+    n_iter: int  # L-BFGS iterations for this C, after the warm start
+    converged: bool  # False when max_iter stopped the fit
+
+
+def default_Cs(C_min: float = 1e-4, C_max: float = 1e2, num_C: int = 10) -> np.ndarray:
+    """``num_C`` values of C log-spaced over ``[C_min, C_max]``, ascending (strongest regularisation first)."""
+    return np.geomspace(C_min, C_max, num_C)
+
+
+def standardization(features: Features) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and population std ``(mean [D], scale [D])`` float64, in one streaming pass.
+
+    Chunks merge by Chan et al.'s pairwise update (no cancelling ``E[x^2] - E[x]^2``). The std is floored
+    at 1e-4 times the root-mean-square std (1 if all dimensions are constant), so a near-constant
+    dimension is not blown up into noise.
+    """
+    n, mean, m2 = 0, np.zeros(features.dim), np.zeros(features.dim)
+    for X, _ in features.iter_shards():
+        for i in range(0, len(X), _STATS_ROWS):
+            x = np.asarray(X[i : i + _STATS_ROWS], dtype=np.float64)
+            nb, mb = len(x), x.mean(axis=0)
+            delta, total = mb - mean, n + nb
+            mean += delta * (nb / total)
+            m2 += ((x - mb) ** 2).sum(axis=0) + delta**2 * (n * nb / total)
+            n = total
+    if n == 0:
+        raise ValueError("cannot standardise an empty split")
+    std = np.sqrt(m2 / n)
+    rms = float(np.sqrt(np.mean(std**2)))
+    return mean, np.maximum(std, 1e-4 * rms) if rms > 0 else np.ones_like(std)
+
+
+class StandardisedSplit:
+    """One split as standardised float32 chunks on ``device``: cached there, or streamed from shards.
+    Chunks start at multiples of ``batch_size`` whatever the shard layout, so both give the same sums."""
+
+    def __init__(
+        self,
+        features: Features,
+        mean: np.ndarray,
+        scale: np.ndarray,
+        device: torch.device,
+        batch_size: int,
+        budget_gb: float,
+    ) -> None:
+        self.features, self.n, self.device, self.batch_size = features, features.n, device, batch_size
+        self.labels = torch.from_numpy(np.asarray(features.labels, dtype=np.int64)).to(device)
+        self._mean = torch.from_numpy(np.asarray(mean, np.float32)).to(device)
+        self._inv_scale = torch.from_numpy(np.asarray(1.0 / scale, np.float32)).to(device)
+        self.cached: torch.Tensor | None = None
+        if features.n * features.dim * 4 <= budget_gb * 2**30:
+            self.cached = torch.empty((features.n, features.dim), dtype=torch.float32, device=device)
+            for start, z in self._stream():
+                self.cached[start : start + len(z)] = z
+
+    def _stream(self) -> Iterator[tuple[int, torch.Tensor]]:
+        pieces: list[np.ndarray] = []
+        pos = 0
+        for X, _ in self.features.iter_shards():
+            i = 0
+            while i < len(X):
+                take = min(len(X) - i, self.batch_size - pos % self.batch_size)
+                pieces.append(X[i : i + take])
+                i, pos = i + take, pos + take
+                if pos % self.batch_size == 0:
+                    yield pos - self.batch_size, self._standardise(pieces)
+                    pieces = []
+        if pieces:
+            yield pos - sum(map(len, pieces)), self._standardise(pieces)
+
+    def _standardise(self, pieces: list[np.ndarray]) -> torch.Tensor:
+        # np.concatenate copies out of the read-only memory maps (torch refuses non-writable arrays).
+        x = torch.from_numpy(np.concatenate(pieces).astype(np.float32, copy=False))
+        return x.to(self.device).sub_(self._mean).mul_(self._inv_scale)
+
+    def chunks(self, rows: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(z [B, D], labels [B])`` in sample order, keeping only ``rows`` (a bool mask) if given."""
+        if self.cached is None:
+            source = self._stream()
+        else:
+            source = ((s, self.cached[s : s + self.batch_size]) for s in range(0, self.n, self.batch_size))
+        for start, z in source:
+            y = self.labels[start : start + len(z)]
+            if rows is not None:
+                keep = rows[start : start + len(z)]
+                z, y = z[keep], y[keep]
+            if len(y):
+                yield z, y
+
+
+@contextmanager
+def _cpu_threads(device: torch.device, n: int) -> Iterator[None]:
+    """Run torch CPU ops with ``n`` threads inside the block (no-op on other devices)."""
+    old = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if device.type == "cpu":
+            torch.set_num_threads(old)
+
+
+def _loss_grad(split: StandardisedSplit, rows, position, theta: torch.Tensor, lam: float, n: float):
+    """``(objective, gradient [K, D + 1])`` at ``theta = [W | b]`` (float64), summed over chunks."""
+    D = theta.shape[1] - 1
+    W32, b32 = theta[:, :D].float(), theta[:, D].float()
+    loss = torch.zeros((), dtype=torch.float64, device=theta.device)
+    gWt = torch.zeros((D, len(theta)), dtype=torch.float64, device=theta.device)
+    gb = torch.zeros(len(theta), dtype=torch.float64, device=theta.device)
+    for z, y in split.chunks(rows):
+        t = position[y][:, None]
+        # Matmuls (D-long dot products) in float32; the softmax on [B, K] logits in float64 costs K/D of
+        # them and keeps small residuals and the loss exact enough for a tight line search.
+        logp = torch.log_softmax(torch.addmm(b32, z, W32.t()).double(), dim=1)
+        loss -= logp.gather(1, t).sum()
+        residual = logp.exp_().scatter_add_(
+            1, t, torch.full(t.shape, -1.0, dtype=torch.float64, device=t.device)
+        )
+        gWt += z.t() @ residual.float()  # float32 product ([D, K] is faster than [K, D]), float64 sums
+        gb += residual.sum(dim=0)
+    W = theta[:, :D]
+    grad = torch.cat([gWt.t() / n + lam * W, gb[:, None] / n], dim=1)
+    return float(loss / n + lam * (W * W).sum() / 2), grad
+
+
+def fit_split(
+    split: StandardisedSplit,
+    rows: torch.Tensor | None,
+    Cs: np.ndarray,
+    max_iter: int,
+    tol: float,
+    n_classes: int,
+    mean: np.ndarray,
+    scale: np.ndarray,
+) -> list[LinearModel]:
+    """Solve the path on ``split`` (restricted to the ``rows`` bool mask) for ascending ``Cs``,
+    warm-started; ``mean`` and ``scale`` (the split's standardisation) are recorded in each model."""
+    device, D = split.device, split.features.dim
+    classes = torch.unique(split.labels if rows is None else split.labels[rows])
+    K = len(classes)
+    position = torch.full((n_classes,), -1, dtype=torch.long, device=device)  # class id -> column
+    position[classes] = torch.arange(K, device=device)
+    counts = torch.zeros(K, dtype=torch.float64, device=device)
+    for _, y in split.chunks(rows):
+        counts += torch.bincount(position[y], minlength=K)
+    n = float(counts.sum())
+    # float64 parameters: L-BFGS needs loss and gradient differences finer than float32 resolves.
+    theta = torch.zeros((K, D + 1), dtype=torch.float64, device=device)
+    prior = torch.log(counts / n)
+    theta[:, D] = prior - prior.mean()  # the C -> 0 solution (W = 0, b = log priors) as the start
+    wmask = torch.ones_like(theta)
+    wmask[:, D] = 0
+    opt = LBFGS(wmask.ravel())
+    # Threads pay only for big matmuls: on vectors of K (D + 1) numbers and small chunks, workers that
+    # meet at a barrier per operation cost more than they save (badly so on shared cores).
+    threads = torch.get_num_threads() if n * D * K >= _PARALLEL_WORK else 1
+    models, class_ids, x, f, g = [], classes.cpu().numpy(), theta.ravel(), None, None
+    for C in Cs:
+        lam = 1.0 / (C * n)
+
+        def fg(v: torch.Tensor, lam: float = lam) -> tuple[float, torch.Tensor]:
+            with _cpu_threads(device, threads):
+                f, g = _loss_grad(split, rows, position, v.view(K, D + 1), lam, n)
+            return f, g.ravel()
+
+        with _cpu_threads(device, 1):
+            if f is None:
+                f, g = fg(x)
+            else:  # the data term is unchanged: only the penalty moves, no pass over the data needed
+                f += (lam - opt.lam) * float((x * x * opt.wmask).sum()) / 2
+                g = g + (lam - opt.lam) * x * opt.wmask
+            opt.set_lam(lam)
+            x, f, g, n_iter, converged = opt.minimise(fg, x, f, g, tol, max_iter)
+        W, b = x.view(K, D + 1)[:, :D].float().cpu().numpy(), x.view(K, D + 1)[:, D].float().cpu().numpy()
+        models.append(LinearModel(float(C), W, b, class_ids, n_classes, mean, scale, n_iter, converged))
+    return models
+
+
+def count_correct(split: StandardisedSplit, models: Sequence[LinearModel], rows=None) -> np.ndarray:
+    """Correct predictions of each model on ``split`` (``rows`` only), all in one pass."""
+    params = [
+        (torch.from_numpy(m.weight).to(split.device), torch.from_numpy(m.bias).to(split.device))
+        for m in models
+    ]
+    classes = [torch.as_tensor(m.classes, device=split.device) for m in models]
+    correct = np.zeros(len(models), dtype=np.int64)
+    for z, y in split.chunks(rows):
+        for i, (W, b) in enumerate(params):
+            correct[i] += int((classes[i][torch.addmm(b, z, W.t()).argmax(dim=1)] == y).sum())
+    return correct
+
+
+def split_logits(split: StandardisedSplit, model: LinearModel, rows=None) -> np.ndarray:
+    """Logits ``[n, n_classes]`` float32 of ``model`` on ``split`` (``rows`` only, in order); ``-inf`` in
+    the columns of classes absent from its training rows, so that they get probability 0."""
+    W, b = torch.from_numpy(model.weight).to(split.device), torch.from_numpy(model.bias).to(split.device)
+    n = split.n if rows is None else int(rows.sum())
+    out, start = np.full((n, model.n_classes), -np.inf, dtype=np.float32), 0
+    for z, _ in split.chunks(rows):
+        out[start : start + len(z), model.classes] = torch.addmm(b, z, W.t()).cpu().numpy()
+        start += len(z)
+    return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 softmax of float32 logits, row by row (the probabilities every score is computed from)."""
+    return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+
+
+def fit_path(
+    train: Features,
+    Cs: Sequence[float],
+    n_classes: int,
+    *,
+    max_iter: int = MAX_ITER,
+    tol: float = TOL,
+    device: str | torch.device = "cpu",
+    batch_size: int = BATCH_SIZE,
+    memory_budget_gb: float = MEMORY_BUDGET_GB,
+) -> list[LinearModel]:
+    """Fit the probe for every C of an ascending path on ``train`` (``ArrayFeatures(X, y)`` for arrays).
+
+    Args:
+        train: features to fit, standardised with their own statistics (:func:`standardization`).
+        Cs: values of C, strictly ascending (strongest regularisation first); each fit warm-starts the next.
+        n_classes: width of the predicted probabilities; labels must lie in ``[0, n_classes)``.
+        max_iter, tol: stopping rule per C (L-BFGS iterations; relative decrease of the objective).
+        device: where the matmuls run (a device name as for ``--device``; MPS lacks the float64 the
+            solver needs). batch_size: rows per chunk (changes nothing beyond rounding).
+        memory_budget_gb: above it the features are streamed from their shards on every evaluation.
+
+    Returns:
+        One :class:`LinearModel` per C, in the order of ``Cs``.
+
+    Raises:
+        ValueError: ``Cs`` not positive and strictly ascending, labels out of range, or a device that
+            cannot run the solver.
+    """
+    Cs = check_Cs(Cs)
+    check_labels(train, n_classes, "train")
+    device = compute_device(device, SOLVER_NAME)
+    mean, scale = standardization(train)
+    split = StandardisedSplit(train, mean, scale, device, batch_size, memory_budget_gb)
+    return fit_split(split, None, Cs, max_iter, tol, n_classes, mean, scale)
+
+
+def predict_logits(
+    model: LinearModel,
+    features: Features | np.ndarray,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = BATCH_SIZE,
+    memory_budget_gb: float = MEMORY_BUDGET_GB,
+) -> np.ndarray:
+    """Logits ``[N, n_classes]`` float32 of ``model`` on raw (unstandardised) features ``[N, D]``;
+    ``-inf`` for the classes absent from its training rows."""
+    if isinstance(features, np.ndarray):
+        features = ArrayFeatures(features, np.zeros(len(features), dtype=np.int64))
+    dev = compute_device(device)  # float32 matmuls only: any device
+    split = StandardisedSplit(features, model.mean, model.scale, dev, batch_size, memory_budget_gb)
+    return split_logits(split, model)
+
+
+def predict_proba(model: LinearModel, features: Features | np.ndarray, **kw: Any) -> np.ndarray:
+    """Probabilities ``[N, n_classes]`` float64: the softmax of :func:`predict_logits` (same keywords)."""
+    return softmax(predict_logits(model, features, **kw))
+
+
+def check_labels(features: Features, n_classes: int, name: str) -> None:
+    """Raise ValueError if split ``name`` is empty or has labels outside ``[0, n_classes)``."""
+    labels = np.asarray(features.labels)
+    if features.n == 0:
+        raise ValueError(f"the {name} split is empty")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise ValueError(f"{name} labels must lie in [0, {n_classes}), got [{labels.min()}, {labels.max()}]")
+
+
+def check_Cs(Cs: Any) -> np.ndarray:
+    """``Cs`` as a float64 vector; ValueError unless non-empty, positive, finite and strictly ascending."""
+    Cs = np.asarray(Cs, dtype=np.float64).ravel()
+    if len(Cs) == 0 or not np.all(np.isfinite(Cs)) or np.any(Cs <= 0):
+        raise ValueError(f"Cs must be a non-empty list of positive finite numbers, got {Cs.tolist()}")
+    if np.any(np.diff(Cs) <= 0):
+        raise ValueError(f"Cs must be strictly ascending (strongest regularisation first), got {Cs.tolist()}")
+    return Cs
