@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import queue
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -39,12 +40,10 @@ def _write_folder(root: Path, n_per_class: int = 6) -> Path:
     return root
 
 
-def test_features_match_direct_forward_and_hit_cache(tmp_path: Path, tiny) -> None:
+def test_features_match_direct_forward_and_hit_cache(tmp_path: Path, tiny, monkeypatch) -> None:
     store = FeatureStore(tmp_path)
     ds = load_dataset("digits", split="val")
-    t0 = time.perf_counter()
     fs = store.get_or_extract(tiny, ds, SMALL)
-    first = time.perf_counter() - t0
     X, y = fs.load()
     assert X.shape == (len(ds), tiny.card.embed_dim) and X.dtype == np.float32
     np.testing.assert_array_equal(y, ds.targets)
@@ -54,10 +53,15 @@ def test_features_match_direct_forward_and_hit_cache(tmp_path: Path, tiny) -> No
     with torch.inference_mode():
         direct = tiny.embed(torch.stack([t(ds.load_image(i)) for i in idx])).numpy()
     np.testing.assert_allclose(X[idx], direct, rtol=1e-5, atol=1e-5)
-    t0 = time.perf_counter()
+    files = {p.name: p.stat().st_mtime_ns for p in fs.path.iterdir()}
+
+    def no_forward(x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a cache hit ran the backbone")
+
+    monkeypatch.setattr(tiny, "embed", no_forward)  # a hit costs no forward pass (not: "is fast")
     again = store.get_or_extract(tiny, ds, SMALL)
     assert again.cache_hit and again.key == fs.key
-    assert time.perf_counter() - t0 < 0.1 * first
+    assert {p.name: p.stat().st_mtime_ns for p in fs.path.iterdir()} == files  # and writes nothing
     np.testing.assert_array_equal(again.load()[0], X)
     stats = fs.stats
     assert stats["device"] == "cpu" and stats["precision"] == "fp32" and stats["img_per_s"] > 0
@@ -142,18 +146,102 @@ def test_batch_size_backs_off_on_out_of_memory(tmp_path: Path) -> None:
     np.testing.assert_allclose(X[:8], direct.numpy(), rtol=1e-5, atol=1e-5)
 
 
+# Extracts digits/train with mobilenetv2 at 64 px: `python - CACHE SHARD_SIZE [HOOK]`; prints
+# "key cache_hit resumed_shards". The hooks stop it at a chosen point and say so on stdout, so that the tests
+# decide where a kill or a second writer lands instead of racing a running extraction:
+#   tear:    writes half of shard 2's features file, says "torn NAME", then waits to be killed;
+#   pause:   before writing shard 1 (lock held, shard 0 done) says "paused", then waits for a line on stdin;
+#   announce: says "waiting LOCKFILE" when it asks for a key's lock.
 _EXTRACT = textwrap.dedent(
     """
-    import sys
+    import os, sys
+    import filelock
+    import numpy as np
     from bobench import create_backbone, load_dataset
     from bobench.features import ExtractOptions, FeatureStore
+
+    cache, shard_size, *hooks = sys.argv[1:]
+    save = np.save
+
+    def hooked_save(file, arr, *args, **kwargs):
+        name = os.path.basename(os.fspath(file))
+        if "tear" in hooks and "shard-00002.npy" in name:
+            save(file, arr, *args, **kwargs)
+            with open(file, "r+b") as f:
+                f.truncate(os.path.getsize(file) // 2)
+            print("torn", name, flush=True)
+            sys.stdin.readline()  # killed here, half-way through writing shard 2
+        if "pause" in hooks and "shard-00001.npy" in name:
+            print("paused", flush=True)
+            sys.stdin.readline()
+        return save(file, arr, *args, **kwargs)
+
+    np.save = hooked_save
+    if "announce" in hooks:
+        acquire = filelock.FileLock.acquire
+
+        def announced(self, *args, **kwargs):
+            print("waiting", os.path.basename(self.lock_file), flush=True)
+            return acquire(self, *args, **kwargs)
+
+        filelock.FileLock.acquire = announced
     bb = create_backbone("random/mobilenetv2_100")
     ds = load_dataset("digits", split="train")
-    opts = ExtractOptions(image_size=64, batch_size=16, num_workers=0, shard_size=int(sys.argv[2]), progress=False)
-    fs = FeatureStore(sys.argv[1]).get_or_extract(bb, ds, opts)
-    print(fs.key, fs.cache_hit, fs.stats["resumed_shards"])
+    opts = ExtractOptions(image_size=64, batch_size=16, num_workers=0, shard_size=int(shard_size), progress=False)
+    fs = FeatureStore(cache).get_or_extract(bb, ds, opts)
+    print(fs.key, fs.cache_hit, fs.stats["resumed_shards"], flush=True)
     """
 )
+HANG_S = 300  # only a hung extraction takes this long to reach its next line (the whole run takes seconds)
+
+
+class _Extraction:
+    """The _EXTRACT script in a subprocess whose stdout lines are read with a timeout."""
+
+    def __init__(self, script: Path, cache: Path, *hooks: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), str(cache), *hooks],
+            env=_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.pump = threading.Thread(target=self._pump, daemon=True)
+        self.pump.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+        self.lines.put(None)
+
+    def next_line(self) -> str:
+        try:
+            line = self.lines.get(timeout=HANG_S)
+        except queue.Empty:
+            raise AssertionError(f"extraction printed nothing in {HANG_S} s") from None
+        assert line is not None, f"extraction exited with {self.proc.wait()} before its next line"
+        return line
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self) -> list[str]:
+        """The final "key hit resumed" line, after a clean exit."""
+        words = self.next_line().split()
+        assert self.proc.wait(timeout=HANG_S) == 0
+        return words
+
+    def kill(self) -> None:
+        self.proc.kill()  # a no-op once it has exited
+        self.proc.wait()
+        self.pump.join(timeout=HANG_S)  # it reaches EOF now: closing stdout under it would race
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def _env() -> dict[str, str]:
@@ -163,24 +251,35 @@ def _env() -> dict[str, str]:
     }
 
 
+def _whole_files(folder: Path) -> set[str]:
+    """Names of the non-temporary files in ``folder``, after checking that each one reads whole."""
+    names = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    referenced = {f for s in manifest["shards"] for f in (s["file"], s["labels"])}
+    assert names == {"manifest.json"} | referenced, "a file under a final name that no manifest lists"
+    for s in manifest["shards"]:
+        feats, labels = np.load(folder / s["file"]), np.load(folder / s["labels"])
+        assert feats.shape == (s["n"], manifest["dim"]) and labels.shape == (s["n"],), s
+    return names
+
+
 def test_killed_extraction_resumes_at_first_missing_shard(tmp_path: Path) -> None:
     script = tmp_path / "extract.py"
     script.write_text(_EXTRACT)
     cache = tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, str(script), str(cache), "128"], env=_env())
-    deadline = time.time() + 120
-    manifests: list[Path] = []
-    while time.time() < deadline:
-        manifests = list(cache.glob("*/manifest.json"))
-        if manifests and len(json.loads(manifests[0].read_text())["shards"]) >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert manifests, "extraction never wrote a shard"
-    partial = json.loads(manifests[0].read_text())
-    assert not partial["complete"] and len(partial["shards"]) >= 2
-    done = len(partial["shards"])
+    killed = _Extraction(script, cache, "128", "tear")
+    try:
+        torn = killed.next_line()
+    finally:
+        killed.kill()
+    [key_dir] = [p.parent for p in cache.glob("*/manifest.json")]
+    assert torn == f"torn .shard-00002.npy.tmp-{killed.proc.pid}.npy"  # atomic writes: the tear hit a temp
+    partial = json.loads((key_dir / "manifest.json").read_text())
+    assert not partial["complete"] and [s["index"] for s in partial["shards"]] == [0, 1]
+    # What a killed extraction leaves: whole shards that the manifest lists, and its temp file.
+    before = _whole_files(key_dir)
+    assert {p.name for p in key_dir.iterdir()} - before == {torn.split()[1]}
+
     out = subprocess.run(
         [sys.executable, str(script), str(cache), "128"],
         env=_env(),
@@ -189,8 +288,15 @@ def test_killed_extraction_resumes_at_first_missing_shard(tmp_path: Path) -> Non
         check=True,
     )
     key, hit, resumed = out.stdout.split()
-    assert hit == "False" and int(resumed) == done
+    assert key == key_dir.name and hit == "False" and int(resumed) == 2  # resumed at shard 2, the torn one
     resumed_fs = FeatureStore(cache).get(key)
+    assert resumed_fs is not None
+    n_shards = -(-len(load_dataset("digits", "train")) // 128)
+    assert [s["index"] for s in resumed_fs.manifest["shards"]] == list(range(n_shards))
+    # The dead writer's temp file is ignored: no listed file is a temp file, every file under a final name
+    # is whole, and nothing but that temp file (if it is not cleaned up) is left over.
+    after = _whole_files(key_dir)
+    assert {p.name for p in key_dir.iterdir()} - after <= {torn.split()[1]}
     fresh = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "fresh"), "128"],
         env=_env(),
@@ -203,26 +309,28 @@ def test_killed_extraction_resumes_at_first_missing_shard(tmp_path: Path) -> Non
         resumed_fs.load()[0], FeatureStore(tmp_path / "fresh").get(key).load()[0], atol=1e-5
     )
     np.testing.assert_array_equal(resumed_fs.labels, load_dataset("digits", "train").targets)
-    assert (
-        not list((cache / key).glob(".*tmp*")) or True
-    )  # stray temp files of the killed writer are harmless
 
 
 def test_concurrent_writers_do_not_corrupt(tmp_path: Path) -> None:
     script = tmp_path / "extract.py"
     script.write_text(_EXTRACT)
     cache = tmp_path / "cache"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(cache), "256"], env=_env(), stdout=subprocess.PIPE, text=True
-        )
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=300)[0].split() for p in procs]
-    assert all(p.returncode == 0 for p in procs)
-    assert outs[0][0] == outs[1][0]
-    assert sorted(o[1] for o in outs) == ["False", "True"]  # one extracted, the other waited and hit
-    fs = FeatureStore(cache).get(outs[0][0])
+    first = _Extraction(script, cache, "256", "pause")
+    second = None
+    try:
+        assert first.next_line() == "paused"  # it holds the key's lock, shard 0 written, shard 1 not
+        second = _Extraction(script, cache, "256", "announce")
+        waiting = second.next_line()  # no complete features yet, so it asks for the lock the first holds
+        first.send("go")
+        outs = [first.finish(), second.finish()]
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                proc.kill()
+    key = outs[0][0]
+    assert outs[1][0] == key and waiting == f"waiting {key}.lock"
+    assert [o[1] for o in outs] == ["False", "True"]  # the first extracted; the second waited, then hit
+    fs = FeatureStore(cache).get(key)
     X, y = fs.load()
     assert X.shape[0] == len(y) == len(load_dataset("digits", "train")) and np.isfinite(X).all()
     assert len(list(cache.glob("*/shard-*.labels.npy"))) == -(-len(y) // 256)

@@ -3,7 +3,8 @@
 One row per (backbone, task, dataset, protocol, seed, config_hash, metric); a failed cell is one row with
 ``metric = ''``, ``status = 'failed'`` and its error. Stdlib ``sqlite3`` in WAL mode: the runner's driver
 process is the single writer, and readers in other processes (report, CLI, notebooks) never block it.
-The schema evolves through :data:`MIGRATIONS`, tracked by ``PRAGMA user_version``.
+The schema (:mod:`bobench.store_schema`) evolves through :data:`MIGRATIONS`, tracked by
+``PRAGMA user_version``; ``MIGRATIONS`` and ``SCHEMA_VERSION`` are importable from here too.
 
 Example:
     >>> from bobench.metrics import Metric
@@ -21,7 +22,7 @@ import math
 import os
 import sqlite3
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, astuple, dataclass, is_dataclass
 from datetime import datetime, timezone
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bobench import provenance as _provenance
+from bobench.store_schema import COLUMNS, DTYPES, KEY, MIGRATIONS, SCHEMA_VERSION, statements
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -36,63 +38,9 @@ if TYPE_CHECKING:
     from bobench.metrics import Metric
 
 
-# Ordered (version, step): a SQL script or a callable(conn). Each runs in its own transaction together with
-# `PRAGMA user_version = version`. Never edit a released step: append a new one.
-_V1 = """
-CREATE TABLE results (
-    id INTEGER PRIMARY KEY,             -- insertion order; the stable row id in exports
-    backbone TEXT NOT NULL,             -- backbone spec or zoo name, as passed to create_backbone
-    task TEXT NOT NULL,                 -- task name (its version is part of config_hash)
-    dataset TEXT NOT NULL,              -- dataset name the task ran on
-    protocol TEXT NOT NULL,             -- evaluation protocol: linear, knn, finetune, detection, ...
-    seed INTEGER NOT NULL,              -- seed of everything random in the cell (init, splits, training)
-    config_hash TEXT NOT NULL,          -- hash of the fully resolved cell config; never NULL: it is a key
-    metric TEXT NOT NULL,               -- metric name; '' on the single row of a failed cell
-    value REAL,                         -- finite score; NULL for a failed cell
-    higher_is_better INTEGER,           -- 1 / 0, as the task declares; NULL for a failed cell
-    status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
-    error TEXT,                         -- traceback or message of a failed cell; NULL when ok
-    config_json TEXT NOT NULL,          -- the full resolved config: enough to rerun the cell
-    card_json TEXT,                     -- BackboneCard dict: input contract, weights and their digest
-    bobench_version TEXT,               -- installed bobench version ('0+unknown' from a bare checkout)
-    git_hash TEXT,                      -- HEAD of the bobench checkout, '-dirty' if modified; NULL if none
-    library_versions_json TEXT,         -- {distribution: version} of torch, timm, numpy, sklearn, ...
-    device TEXT,                        -- e.g. 'cpu: AMD EPYC, 2 threads' or 'cuda:0 NVIDIA H100 80GB HBM3'
-    wall_time_s REAL,                   -- wall-clock seconds of the cell (feature extraction included)
-    n_train INTEGER,                    -- samples the protocol trained / fit on
-    n_test INTEGER,                     -- samples it was scored on
-    created_at TEXT NOT NULL            -- UTC ISO-8601 time the row was written
-);
-"""
-_V2 = """
--- v1 had no uniqueness guard: keep only the newest row of each key so the unique index can be built.
-DELETE FROM results WHERE id NOT IN (
-    SELECT MAX(id) FROM results GROUP BY backbone, task, dataset, protocol, seed, config_hash, metric
-);
-ALTER TABLE results ADD COLUMN dtype TEXT;             -- compute dtype: float32, bfloat16, ...
-ALTER TABLE results ADD COLUMN img_per_s REAL;         -- forward throughput while extracting features
-ALTER TABLE results ADD COLUMN peak_mem_mb REAL;       -- peak accelerator (or process) memory, MiB
-ALTER TABLE results ADD COLUMN environment_json TEXT;  -- {python, platform, hostname} of the run
-CREATE UNIQUE INDEX results_cell_metric
-    ON results (backbone, task, dataset, protocol, seed, config_hash, metric);
-"""
-MIGRATIONS: list[tuple[int, str | Callable[[sqlite3.Connection], None]]] = [(1, _V1), (2, _V2)]
-SCHEMA_VERSION = MIGRATIONS[-1][0]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Cell", "ResultStore", "SchemaVersionError", "StoreError"]
 
-# Column order of results() and exports (ALTER TABLE appends v2 columns at the end of the file's table).
-_COLUMNS = (
-    *("id", "backbone", "task", "dataset", "protocol", "seed", "config_hash", "metric", "value"),
-    *("higher_is_better", "status", "error", "config_json", "card_json", "bobench_version", "git_hash"),
-    *("library_versions_json", "environment_json", "device", "dtype", "wall_time_s", "img_per_s"),
-    *("peak_mem_mb", "n_train", "n_test", "created_at"),
-)
-_KEY = ("backbone", "task", "dataset", "protocol", "seed", "config_hash")
-_FILTERS = (*_KEY, "metric")
-# Fixed dtypes of results(), whatever the rows: an all-NULL column would otherwise come back as object.
-# "string", not "str": under pandas 2, astype("str") turns None into the text "None".
-_DTYPES = dict.fromkeys(_COLUMNS, "string") | dict.fromkeys(("value", "wall_time_s", "img_per_s"), "float64")
-_DTYPES |= {"peak_mem_mb": "float64", "id": "int64", "seed": "int64", "higher_is_better": "boolean"}
-_DTYPES |= {"n_train": "Int64", "n_test": "Int64"}
+_FILTERS = (*KEY, "metric")
 _BUSY_TIMEOUT_MS = 30_000  # a reader or a second opener waits this long for a lock before erroring
 
 
@@ -255,20 +203,20 @@ class ResultStore:
         columns = list(rows[0])
         insert = f"INSERT INTO results ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
         with self._transaction():
-            self._conn.execute(f"DELETE FROM results WHERE {_where(_KEY)}", astuple(cell))
+            self._conn.execute(f"DELETE FROM results WHERE {_where(KEY)}", astuple(cell))
             self._conn.executemany(insert, [[r[c] for c in columns] for r in rows])
 
     # -- reading -------------------------------------------------------------------------------------
 
     def has_result(self, cell: Cell) -> bool:
         """True iff ``cell`` has ok rows; a failed (or never run) cell is False, so it gets retried."""
-        sql = f"SELECT 1 FROM results WHERE {_where(_KEY)} AND status = 'ok' LIMIT 1"
+        sql = f"SELECT 1 FROM results WHERE {_where(KEY)} AND status = 'ok' LIMIT 1"
         return self._conn.execute(sql, astuple(cell)).fetchone() is not None
 
     def failures(self) -> list[dict[str, Any]]:
         """All failed cells, oldest first, as full rows (JSON columns as text)."""
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM results WHERE status = 'failed' ORDER BY id"
-        return [dict(zip(_COLUMNS, row, strict=True)) for row in self._conn.execute(sql)]
+        sql = f"SELECT {', '.join(COLUMNS)} FROM results WHERE status = 'failed' ORDER BY id"
+        return [dict(zip(COLUMNS, row, strict=True)) for row in self._conn.execute(sql)]
 
     def results(self, *, status: str | None = "ok", **filters: Any) -> pd.DataFrame:
         """The results table in long format (one row per metric), ordered by ``id``.
@@ -299,8 +247,8 @@ class ResultStore:
             clauses.append(f"{name} IN ({', '.join('?' * len(values))})" if values else "0")
             params.extend(values)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        cursor = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM results {where} ORDER BY id", params)
-        return pd.DataFrame.from_records(cursor.fetchall(), columns=list(_COLUMNS)).astype(_DTYPES)
+        cursor = self._conn.execute(f"SELECT {', '.join(COLUMNS)} FROM results {where} ORDER BY id", params)
+        return pd.DataFrame.from_records(cursor.fetchall(), columns=list(COLUMNS)).astype(DTYPES)
 
     def export(self, path: str | os.PathLike[str], fmt: str | None = None) -> Path:
         """Write every row (ok and failed; see ``status``) to CSV or Parquet, long format.
@@ -384,7 +332,7 @@ class ResultStore:
                     step(self._conn)
                 else:
                     # Not executescript(): it COMMITs first, which would break the transaction.
-                    for statement in _statements(step):
+                    for statement in statements(step):
                         self._conn.execute(statement)
                 self._conn.execute(f"PRAGMA user_version = {int(version)}")
 
@@ -395,7 +343,7 @@ def _shared_fields(cell, config, card, provenance, device, dtype, wall_time_s) -
     if card is not None and not isinstance(card, Mapping) and hasattr(card, "to_dict"):
         card = card.to_dict()  # a BackboneCard
     return {
-        **dict(zip(_KEY, astuple(cell), strict=True)),
+        **dict(zip(KEY, astuple(cell), strict=True)),
         "config_json": _dumps(config),
         "card_json": None if card is None else _dumps(card),
         "bobench_version": prov.get("bobench_version") or None,
@@ -408,18 +356,6 @@ def _shared_fields(cell, config, card, provenance, device, dtype, wall_time_s) -
         "wall_time_s": _opt(float, wall_time_s),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
     }
-
-
-def _statements(script: str) -> Iterator[str]:
-    """Split a SQL script into complete statements (comments and string literals respected)."""
-    buffer = ""
-    for line in script.splitlines(keepends=True):
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            yield buffer
-            buffer = ""
-    if buffer.strip():
-        raise ValueError(f"incomplete SQL statement in migration: {buffer.strip()[:80]!r}")
 
 
 def _where(columns: Iterable[str]) -> str:

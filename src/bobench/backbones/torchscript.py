@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bobench.backbones.weights import WeightsError
+from bobench.backbones.errors import WeightsError
 
 StateDict = dict[str, torch.Tensor]
 
