@@ -1,6 +1,9 @@
 """Adapter for user models: ``<module>:<callable>`` returning an ``nn.Module`` (or a ready Backbone).
 
-The callable is called with no arguments, or with ``pretrained=`` if it accepts that keyword. The
+The callable is called with no arguments, or with ``pretrained=`` if it accepts that keyword. A random-init
+control of a callable without that keyword is re-initialised by bobench (every layer's
+``reset_parameters()``, a timm-style ``init_weights()``) or refused when that cannot cover every parameter
+(:mod:`bobench.backbones.reinit`). The
 preprocessing contract is taken from the model where it declares one (a timm-style ``pretrained_cfg``
 or ``default_cfg`` dict, or ``input_size`` / ``mean`` / ``std`` attributes); otherwise ImageNet mean
 and std at 224 px are assumed *with a warning*, because a wrong normalisation silently costs accuracy.
@@ -23,6 +26,7 @@ from torch import nn
 from bobench.backbones.base import Backbone, FeatureInfo, count_params
 from bobench.backbones.card import IMAGENET_MEAN, IMAGENET_STD, BackboneCard
 from bobench.backbones.hooks import capture, probe_stages
+from bobench.backbones.reinit import reinitialize
 from bobench.registry import import_target
 
 
@@ -82,12 +86,27 @@ class CallableBackbone(Backbone):
         return [got[n] for n in self._stages]
 
 
-def build(target: str | Callable[..., Any], *, pretrained: bool, name: str | None = None) -> Backbone:
+def build(
+    target: str | Callable[..., Any],
+    *,
+    pretrained: bool,
+    name: str | None = None,
+    randomize: bool | None = None,
+) -> Backbone:
     """Import ``module:callable`` (or take the callable), call it and wrap the result.
+
+    Args:
+        target: ``"module:callable"`` or the callable.
+        pretrained: passed on as ``pretrained=`` when the callable accepts it.
+        name: the name on the card (default: ``target``).
+        randomize: the caller wants random weights (default: ``not pretrained``; False when a weights file
+            will be loaded over the model anyway). A callable without a ``pretrained`` keyword is then
+            re-initialised here.
 
     Raises:
         ImportError: the module or attribute does not exist (message names it).
         TypeError: the callable did not return an ``nn.Module``.
+        RandomInitError: random weights were asked for and the model cannot be re-initialised.
     """
     factory = import_target(target) if isinstance(target, str) else target
     name = name or (target if isinstance(target, str) else f"{factory.__module__}:{factory.__qualname__}")
@@ -98,10 +117,18 @@ def build(target: str | Callable[..., Any], *, pretrained: bool, name: str | Non
     except (TypeError, ValueError):  # builtins / C callables have no signature
         pass
     model = factory(**kwargs)
+    # a callable that cannot be told not to load its weights is re-initialised here (or refused), so a
+    # random/ control is never the pretrained network under a random card
+    reinit = (not pretrained if randomize is None else randomize) and "pretrained" not in kwargs
     if isinstance(model, Backbone):
+        if reinit:
+            reinitialize(model.model, name)
+            model.card = model.card.replace(extra={**model.card.extra, "reinitialized_by": "bobench"})
         return model
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name} returned a {type(model).__name__}; a backbone factory must return nn.Module")
+    if reinit:
+        reinitialize(model, name)
     cfg = _declared_cfg(model)
     if not cfg:
         warnings.warn(
@@ -135,6 +162,7 @@ def build(target: str | Callable[..., Any], *, pretrained: bool, name: str | Non
         std=tuple(cfg.get("std", IMAGENET_STD)),
         interpolation=cfg.get("interpolation", "bicubic"),
         crop_pct=float(cfg.get("crop_pct", 0.875)),
+        extra={"reinitialized_by": "bobench"} if reinit else {},
     )
     feature_info = [FeatureInfo(c, s, n) for n, c, s in stages]
     return CallableBackbone(model, card, feature_info, [n for n, _, _ in stages], timm_like)
