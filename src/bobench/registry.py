@@ -66,6 +66,8 @@ class Registry(Mapping[str, Entry]):
     Args:
         kind: what the names are ("backbone", "dataset", ...), used in error messages.
         group: entry-point group scanned once, on first lookup, for ``register(registry)`` hooks.
+        list_command: the real CLI command that lists the names (e.g. ``bobench backbones list``),
+            named in the unknown-name error; None lists the names in the error itself.
 
     Example:
         >>> reg = Registry("thing")
@@ -74,9 +76,10 @@ class Registry(Mapping[str, Entry]):
         '{"a": 1}'
     """
 
-    def __init__(self, kind: str, group: str | None = None) -> None:
+    def __init__(self, kind: str, group: str | None = None, list_command: str | None = None) -> None:
         self.kind = kind
         self.group = group
+        self.list_command = list_command
         self._entries: dict[str, Entry] = {}
         self._plugins_loaded = group is None
 
@@ -103,9 +106,12 @@ class Registry(Mapping[str, Entry]):
             return self._entries[name]
         except KeyError:
             hint = suggest(name, list(self._entries))
-            raise UnknownNameError(
-                f"unknown {self.kind} {name!r}.{hint} List them with `bobench {self.kind}s list`."
-            ) from None
+            where = (
+                f"List them with `{self.list_command}`."
+                if self.list_command
+                else f"Known {self.kind}s: {', '.join(sorted(self._entries)) or 'none'}."
+            )
+            raise UnknownNameError(f"unknown {self.kind} {name!r}.{hint} {where}") from None
 
     def load(self, name: str) -> Any:
         """Return the target of ``name``, importing it on first use."""

@@ -146,9 +146,10 @@ def _resolve(name_or_path: str | Path, folder: Path, kind: str) -> Path:
     if candidate.is_file():
         return candidate
     names = [f.stem for f in folder.glob("*.yaml")]
+    listing = "bobench tasks list" if kind == "task" else "bobench tasks suites"
     raise TaskError(
         f"unknown {kind} {str(name_or_path)!r}.{suggest(str(name_or_path), names)} "
-        f"See `bobench {kind}s list`, or pass a path to a {kind} YAML file."
+        f"See `{listing}`, or pass a path to a {kind} YAML file."
     )
 
 

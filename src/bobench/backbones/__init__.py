@@ -38,5 +38,5 @@ def list_backbones() -> list[dict[str, Any]]:
     """
     from bobench.registry import Registry
 
-    reg = Registry("backbone", group="bobench.backbones")
+    reg = Registry("backbone", group="bobench.backbones", list_command="bobench backbones list")
     return [{"name": name, **reg[name].meta} for name in reg]

@@ -38,6 +38,7 @@ from torch import nn
 from bobench.backbones.base import Backbone, FeatureInfo, count_params
 from bobench.backbones.card import BackboneCard
 from bobench.backbones.diffusers_configs import CONFIGS, RELEASES
+from bobench.backbones.local_files import Missing, hub_missing
 from bobench.backbones.weights import apply_state_dict, hub_file, load_state_dict
 from bobench.registry import UnknownNameError, suggest
 
@@ -324,3 +325,13 @@ def build(
         },
     )
     return DiffusersBackbone(model, card, feature_info)
+
+
+def missing_weights(name: str) -> Missing | None:
+    """None when every file ``diffusers:<repo>`` loads (VAE, UNet, text encoder) is cached here, else
+    the first that is missing. Never downloads and never builds the model."""
+    for names in _FILES.values():
+        missing = hub_missing(name, names)
+        if missing is not None:
+            return missing
+    return None

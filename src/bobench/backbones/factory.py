@@ -28,15 +28,17 @@ from bobench.backbones.zoo import ZooEntry
 from bobench.registry import Registry, UnknownNameError, suggest
 
 #: named backbones: the built-in zoo and plugins, via the ``bobench.backbones`` entry-point group
-BACKBONES = Registry("backbone", group="bobench.backbones")
+BACKBONES = Registry("backbone", group="bobench.backbones", list_command="bobench backbones list")
 
-#: adapters, one module per source; each exposes ``build(name, *, pretrained) -> Backbone``
+#: adapters, one module per source; each exposes ``build(name, *, pretrained) -> Backbone`` and
+#: ``missing_weights(name) -> Missing | None`` (the cache-only check the battle preflight uses)
 SOURCES = Registry("source")
-SOURCES.register("timm", "bobench.backbones.timm_source:build")
-SOURCES.register("torchvision", "bobench.backbones.torchvision_source:build")
-SOURCES.register("hf", "bobench.backbones.hf_source:build")
-SOURCES.register("open_clip", "bobench.backbones.open_clip_source:build")
-SOURCES.register("diffusers", "bobench.backbones.diffusers_source:build")
+for _source in ("timm", "torchvision", "hf", "open_clip", "diffusers"):
+    SOURCES.register(
+        _source,
+        f"bobench.backbones.{_source}_source:build",
+        missing=f"bobench.backbones.{_source}_source:missing_weights",
+    )
 
 
 def resolve_zoo_weights(entry: ZooEntry, *, download: bool = True) -> tuple[str, str]:
@@ -63,7 +65,9 @@ def resolve_zoo_weights(entry: ZooEntry, *, download: bool = True) -> tuple[str,
     raise WeightsError(f"zoo weights entry {w} names neither 'path', 'url' nor 'package' + 'file'")
 
 
-def _build_source(spec: str, pretrained: bool, kwargs: dict[str, Any] | None = None) -> Backbone:
+def _build_source(
+    spec: str, pretrained: bool, kwargs: dict[str, Any] | None = None, *, randomize: bool = False
+) -> Backbone:
     source, sep, rest = spec.partition(":")
     if sep and source in SOURCES:
         if not rest:
@@ -82,10 +86,14 @@ def _build_source(spec: str, pretrained: bool, kwargs: dict[str, Any] | None = N
     if (sep and "." in source) or (sep and source.isidentifier() and source not in SOURCES):
         from bobench.backbones.callable_source import build
 
-        return build(spec, pretrained=pretrained)
-    names = list(BACKBONES)
-    hint = suggest(spec, names)
-    raise UnknownNameError(
+        return build(spec, pretrained=pretrained, randomize=randomize)
+    raise unknown_backbone(spec)
+
+
+def unknown_backbone(spec: str) -> UnknownNameError:
+    """The error for a backbone name that is neither a zoo name nor a spec (with suggestions)."""
+    hint = suggest(spec, list(BACKBONES))
+    return UnknownNameError(
         f"unknown backbone {spec!r}.{hint} Use a zoo name (`bobench backbones list`) or a spec "
         f"<source>:<model> with source one of {sorted(SOURCES)} or a python 'module:callable'."
     )
@@ -115,6 +123,8 @@ def create_backbone(
         WeightsUnavailableError: weights not on disk and not downloadable here (message says where
             to put which file).
         WeightsError: the weights file does not fit the architecture (missing / unexpected keys).
+        RandomInitError: a random-init control of a callable that loads its own weights and cannot be
+            re-initialised (see :mod:`bobench.backbones.reinit`).
 
     Example:
         >>> bb = create_backbone("random/mobilenetv2_100")
@@ -146,14 +156,18 @@ def create_backbone(
         # a user's --weights file for a zoo entry is taken to be in the entry's release layout
         remap = entry.weights.get("remap", "none")
         converter = entry.weights.get("converter")
+    randomize = weights_path is None and not pretrained
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         if factory is not None:
             from bobench.backbones.callable_source import build
 
-            bb = build(factory, pretrained=pretrained and weights_path is None, name=spec)
+            bb = build(
+                factory, pretrained=pretrained and weights_path is None, name=spec, randomize=randomize
+            )
         else:
-            bb = _build_source(spec, pretrained and weights_path is None, entry.kwargs if entry else None)
+            kwargs = entry.kwargs if entry else None
+            bb = _build_source(spec, pretrained and weights_path is None, kwargs, randomize=randomize)
     if weights_path is not None:
         sd = load_state_dict(weights_path)
         if converter:

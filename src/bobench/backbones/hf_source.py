@@ -42,6 +42,7 @@ from bobench.backbones.base import (
     tokens_to_map,
 )
 from bobench.backbones.card import IMAGENET_MEAN, IMAGENET_STD, BackboneCard
+from bobench.backbones.local_files import Missing, hub_missing
 from bobench.backbones.weights import WeightsUnavailableError, network_available
 from bobench.registry import UnknownNameError, suggest
 
@@ -360,3 +361,17 @@ def build(name: str, *, pretrained: bool) -> HFBackbone:
         },
     )
     return HFBackbone(model, card, lay.feature_info, lay.kind, lay.stages)
+
+
+def missing_weights(name: str) -> Missing | None:
+    """None when ``hf:<repo or directory>``'s config and weights are on disk, else what is missing.
+
+    Never downloads and never builds the model.
+    """
+    repo, local = _locate(name)
+    names = ("model.safetensors", "pytorch_model.bin")
+    if local is not None:
+        if (local / "config.json").is_file() and any((local / n).is_file() for n in names):
+            return None
+        return Missing(f"directory {local} lacks config.json or {' / '.join(names)}", "")
+    return hub_missing(repo, ("config.json",)) or hub_missing(repo, names)

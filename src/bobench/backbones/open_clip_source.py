@@ -34,6 +34,7 @@ from bobench.backbones.base import (
 )
 from bobench.backbones.card import BackboneCard
 from bobench.backbones.hooks import capture
+from bobench.backbones.local_files import Missing, file_missing, hub_missing
 from bobench.backbones.weights import WeightsUnavailableError, hub_file, network_available
 from bobench.registry import UnknownNameError, suggest
 
@@ -259,3 +260,24 @@ def build(name: str, *, pretrained: bool) -> OpenClipBackbone:
         },
     )
     return OpenClipBackbone(visual, card, feature_info, kind)
+
+
+def missing_weights(name: str) -> Missing | None:
+    """None when the checkpoint of ``open_clip:<arch>/<tag>`` is cached here, else what is missing.
+
+    Never downloads and never builds the model.
+    """
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    arch, tag = _parse(name)
+    if tag is None:
+        return Missing(f"open_clip:{arch} names no pretrained tag", "")
+    cfg = _pretrained_cfg(arch, tag)
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"])
+        filename = filename or HF_WEIGHTS_NAME
+        stem, _ = os.path.splitext(filename)
+        safe = HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else f"{stem}.safetensors"
+        return hub_missing(repo, (safe, filename))
+    url = cfg.get("url", "")
+    return file_missing(Path("~/.cache/clip").expanduser() / os.path.basename(url), url)

@@ -7,6 +7,7 @@ ViTs whose ``global_pool`` is ``token``, global average pooling for CNNs. Dense 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from bobench.backbones.base import (
     simple_feature_pyramid,
 )
 from bobench.backbones.card import BackboneCard
+from bobench.backbones.local_files import Missing, file_missing, hub_missing
 from bobench.backbones.weights import WeightsUnavailableError, hub_file, network_available
 from bobench.registry import UnknownNameError, suggest
 
@@ -145,3 +147,18 @@ def build(name: str, *, pretrained: bool, **kwargs: Any) -> TimmBackbone:
         weights=f"hf-hub:{cfg.get('hf_hub_id')}" if pretrained and cfg.get("hf_hub_id") else "unknown",
     )
     return TimmBackbone(model, card, feature_info, indices, plain)
+
+
+def missing_weights(name: str) -> Missing | None:
+    """None when the pretrained weights of ``timm:<name>`` are cached here, else what is missing.
+
+    Never downloads and never builds the model (the battle preflight calls it for every backbone).
+    """
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return Missing(f"timm publishes no pretrained weights {name!r}", "")
+    if cfg.hf_hub_id:
+        return hub_missing(cfg.hf_hub_id, ("model.safetensors", "pytorch_model.bin"))
+    return file_missing(Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name, cfg.url)

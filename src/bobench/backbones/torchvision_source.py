@@ -25,6 +25,7 @@ from bobench.backbones.base import (
 )
 from bobench.backbones.card import IMAGENET_MEAN, IMAGENET_STD, BackboneCard
 from bobench.backbones.hooks import capture, probe_stages
+from bobench.backbones.local_files import Missing, file_missing
 from bobench.backbones.weights import WeightsUnavailableError, network_available
 from bobench.registry import UnknownNameError, suggest
 
@@ -148,3 +149,13 @@ def build(name: str, *, pretrained: bool) -> TorchvisionBackbone:
         weights=weights.url if pretrained and weights is not None else "unknown",
     )
     return TorchvisionBackbone(model, card, feature_info, head_name, stages, kind)
+
+
+def missing_weights(name: str) -> Missing | None:
+    """None when the weights of ``torchvision:<name>[.<TAG>]`` are in torch's hub cache, else what is
+    missing. Never downloads and never builds the model."""
+    arch, _, tag = name.partition(".")
+    weights = _weights_enum(arch, tag or None)
+    if weights is None:
+        return Missing(f"torchvision publishes no weights for {arch}", "")
+    return file_missing(Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name, weights.url)
