@@ -22,13 +22,47 @@ def run(*args: str, env: dict | None = None, check: bool = True) -> subprocess.C
     return proc
 
 
-def test_help_lists_every_command() -> None:
-    out = run("--help").stdout
-    for cmd in ("backbones", "datasets", "features", "results", "demo"):
-        assert cmd in out
-    assert "list" in run("backbones", "--help").stdout and "show" in run("backbones", "--help").stdout
-    assert "extract" in run("features", "--help").stdout
-    assert "export" in run("results", "--help").stdout
+def _commands() -> list[tuple[str, ...]]:
+    """Every command path of the CLI, read from the click tree itself (a new command cannot be missed)."""
+    import typer.main
+
+    from bobench.cli.main import app
+
+    def walk(cmd, path: tuple[str, ...]) -> list[tuple[str, ...]]:
+        subs = getattr(cmd, "commands", None)
+        if not subs:
+            return [path]
+        return [p for name, sub in sorted(subs.items()) for p in walk(sub, (*path, name))]
+
+    return walk(typer.main.get_command(app), ())
+
+
+def test_every_command_has_help() -> None:
+    commands = _commands()
+    # the ones the README shows, so a renamed command fails here
+    for want in [
+        ("backbones", "list"),
+        ("backbones", "show"),
+        ("backbones", "fetch"),
+        ("datasets", "list"),
+        ("features", "extract"),
+        ("tasks", "list"),
+        ("tasks", "suites"),
+        ("run",),
+        ("battle",),
+        ("demo",),
+        ("results", "list"),
+        ("results", "export"),
+        ("results", "robustness"),
+        ("report",),
+    ]:
+        assert want in commands
+    top = run("--help").stdout
+    for path in commands:
+        assert path[0] in top
+        proc = run(*path, "--help")
+        assert "Usage:" in proc.stdout and proc.stderr == "", path
+    assert "Exit codes" in run("battle", "--help").stdout
 
 
 def test_backbones_list_is_torch_free_and_filters() -> None:
@@ -76,7 +110,6 @@ def test_features_extract_then_cache_hit(tmp_path: Path) -> None:
     second = json.loads(run(*args).stdout)[0]
     assert not first["cache_hit"] and second["cache_hit"] and first["key"] == second["key"]
     assert first["n"] == 359 and first["dim"] == 1280 and first["device"] == "cpu"
-    assert second["seconds"] < 0.1 * first["seconds"]
 
 
 def test_results_export(tmp_path: Path) -> None:

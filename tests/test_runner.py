@@ -14,12 +14,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bobench.features import ExtractOptions
+from bobench.options import RunOptions
 from bobench.runner import plan, run_battle
 from bobench.store import ResultStore
 from bobench.task import TaskError, load_suite, load_task
 
-OPTS = ExtractOptions(num_workers=0, batch_size=64, progress=False)
+OPTS = RunOptions(num_workers=0, batch_size=64, progress=False)
 
 
 def _task(tmp_path: Path, name: str, body: str) -> Path:
@@ -65,7 +65,7 @@ def test_battle_records_skips_and_forces(tmp_path: Path, digits_tasks: list[Path
     db = tmp_path / "r.db"
     bbs = ["random/mobilenetv2_100", "user_models:make_declared"]
     with ResultStore(db) as store:
-        s1 = run_battle(bbs, digits_tasks, store=store, cache_dir=tmp_path / "c", extract=OPTS)
+        s1 = run_battle(bbs, digits_tasks, store=store, cache_dir=tmp_path / "c", options=OPTS)
     assert (s1.done, s1.failed, s1.skipped) == (4, 0, 0)
     rows = _rows(db)
     assert set(rows["status"]) == {"ok"}
@@ -75,10 +75,10 @@ def test_battle_records_skips_and_forces(tmp_path: Path, digits_tasks: list[Path
     assert rows["card_json"].str.contains("weights_digest").all() and rows["device"].eq("cpu").all()
     n = len(rows)
     with ResultStore(db) as store:
-        s2 = run_battle(bbs, digits_tasks, store=store, cache_dir=tmp_path / "c", extract=OPTS)
+        s2 = run_battle(bbs, digits_tasks, store=store, cache_dir=tmp_path / "c", options=OPTS)
         assert (s2.done, s2.skipped) == (0, 4)
         s3 = run_battle(
-            bbs[:1], digits_tasks[:1], store=store, cache_dir=tmp_path / "c", extract=OPTS, force=True
+            bbs[:1], digits_tasks[:1], store=store, cache_dir=tmp_path / "c", options=OPTS, force=True
         )
         assert s3.done == 1
     assert len(_rows(db)) == n  # --force replaced, never duplicated
@@ -95,7 +95,7 @@ def test_failing_backbone_is_isolated(tmp_path: Path, digits_tasks: list[Path]) 
             digits_tasks,
             store=store,
             cache_dir=tmp_path / "c",
-            extract=OPTS,
+            options=OPTS,
         )
         assert (s.done, s.failed) == (2, 2)
         failures = store.failures()
@@ -107,51 +107,42 @@ def test_failing_backbone_is_isolated(tmp_path: Path, digits_tasks: list[Path]) 
             digits_tasks,
             store=store,
             cache_dir=tmp_path / "c",
-            extract=OPTS,
+            options=OPTS,
         )
     assert (s.skipped, s.failed) == (2, 2)
 
 
 def test_killed_battle_resumes_without_duplicates(tmp_path: Path, digits_tasks: list[Path]) -> None:
-    db, cache = tmp_path / "r.db", tmp_path / "c"
+    """Killed at a known point (held by a gate, not by timing), a battle resumes where it stopped."""
+    db, cache, gate = tmp_path / "r.db", tmp_path / "c", tmp_path / "gate"
     tasks = ",".join(str(p) for p in digits_tasks)
-    bbs = "random/mobilenetv2_100,random/tf_efficientnet_lite0,user_models:make_declared"
-    cmd = [
-        sys.executable,
-        "-m",
-        "bobench",
-        "battle",
-        "--backbones",
-        bbs,
-        "--tasks",
-        tasks,
-        "--db",
-        str(db),
-        "--cache-dir",
-        str(cache),
-        "--workers",
-        "0",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    bbs = "random/mobilenetv2_100,user_models:make_gated,random/tf_efficientnet_lite0"
+    cmd = [sys.executable, "-m", "bobench", "battle", "--backbones", bbs, "--tasks", tasks]
+    cmd += ["--db", str(db), "--cache-dir", str(cache), "--workers", "0"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "BOBENCH_TEST_GATE": str(gate)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    n_done = 0
-    while time.time() < deadline and proc.poll() is None:
-        if db.exists():
-            try:
-                with sqlite3.connect(db) as con:
-                    n_done = con.execute("select count(distinct backbone || task) from results").fetchone()[0]
-            except sqlite3.OperationalError:
-                n_done = 0
-            if n_done >= 2:
-                break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 2 <= n_done < 6, f"kill came too late or too early ({n_done} cells)"
+    try:
+        # the first backbone's two cells get recorded, then the battle waits at the gated build
+        deadline = time.monotonic() + 600  # only a real hang reaches this
+        n_done = 0
+        while n_done < 2 and time.monotonic() < deadline and proc.poll() is None:
+            if db.exists():
+                try:
+                    with sqlite3.connect(db) as con:
+                        n_done = con.execute("select count(distinct task) from results").fetchone()[0]
+                except sqlite3.OperationalError:  # the file exists but the schema is not there yet
+                    n_done = 0
+            time.sleep(0.1)
+        assert n_done == 2 and proc.poll() is None, f"battle ended or hung before the gate ({n_done} cells)"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    rows = _rows(db)
+    assert set(rows["backbone"]) == {"random/mobilenetv2_100"}
+    gate.touch()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    assert "skipped" in out.stdout
+    assert "2 skipped" in out.stdout and "4 cells run (4 ok, 0 failed)" in out.stdout
     rows = _rows(db)
     assert len(rows.groupby(["backbone", "task"])) == 6
     assert not rows.duplicated(["backbone", "task", "seed", "metric", "config_hash"]).any()
@@ -233,3 +224,39 @@ def test_task_errors_name_file_key_and_fix(tmp_path: Path) -> None:
         load_suite(suite)
     demo = load_suite("demo")
     assert len(demo.backbones) == 4 and "patches13-linear" in demo.tasks
+
+
+def test_wall_time_includes_extraction_and_peak_memory_is_recorded(
+    tmp_path: Path, digits_tasks: list[Path]
+) -> None:
+    import json
+
+    with ResultStore(tmp_path / "r.db") as store:
+        s = run_battle(
+            ["random/mobilenetv2_100"], digits_tasks, store=store, cache_dir=tmp_path / "c", options=OPTS
+        )
+        rows = store.results().drop_duplicates(["task"]).set_index("task")
+    info = {t: json.loads(c)["info"] for t, c in rows["config_json"].items()}
+    first, second = (rows.loc[t] for t in ("digits-linear", "digits-knn"))
+    # the first cell pays for the build and the extraction both tasks share; the second only its probe
+    lin, kn = info["digits-linear"], info["digits-knn"]
+    assert lin["extract_s"] == kn["extract_s"] > 0  # one extraction, shared
+    assert first["wall_time_s"] == pytest.approx(lin["build_s"] + lin["extract_s"] + lin["protocol_s"])
+    assert second["wall_time_s"] == pytest.approx(kn["protocol_s"])
+    assert first["wall_time_s"] + second["wall_time_s"] <= s.wall_time_s  # cells sum to at most the battle
+    assert (rows["peak_mem_mb"] > 10).all()  # the process peak (CPU): a real number, not NULL
+
+
+def test_unknown_backbone_is_a_usage_error_before_any_work(tmp_path: Path, digits_tasks: list[Path]) -> None:
+    from bobench.registry import UnknownNameError
+
+    with ResultStore(tmp_path / "r.db") as store:
+        with pytest.raises(UnknownNameError, match=r"Did you mean: mobilenetv2_100\.tv_in1k"):
+            run_battle(
+                ["random/mobilenetv2_100", "mobilenetv2_100.tv_in"],
+                digits_tasks,
+                store=store,
+                cache_dir=tmp_path / "c",
+                options=OPTS,
+            )
+        assert store.results(status=None).empty  # the good backbone did not run either

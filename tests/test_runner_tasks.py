@@ -10,12 +10,13 @@ import pandas as pd
 import pytest
 
 from bobench.cli.main import main
-from bobench.features import ExtractOptions
-from bobench.runner import _protocol_params, plan, run_battle
+from bobench.frozen import protocol_params
+from bobench.options import RunOptions
+from bobench.runner import plan, run_battle
 from bobench.store import ResultStore
 from bobench.task import TaskError, load_paths, load_suite, load_task, resolve_paths
 
-OPTS = ExtractOptions(num_workers=0, batch_size=128, progress=False)
+OPTS = RunOptions(num_workers=0, batch_size=128, progress=False)
 
 
 def _task(tmp_path: Path, name: str, body: str) -> Path:
@@ -74,7 +75,7 @@ def test_ood_retrieval_and_leave_one_out_tasks_run_end_to_end(tmp_path: Path) ->
     db = tmp_path / "r.db"
     with ResultStore(db) as store:
         s = run_battle(
-            ["mobilenetv2_100.tv_in1k"], [ood, ret, loo], store=store, cache_dir=tmp_path / "c", extract=OPTS
+            ["mobilenetv2_100.tv_in1k"], [ood, ret, loo], store=store, cache_dir=tmp_path / "c", options=OPTS
         )
     assert (s.done, s.failed) == (3, 0), [f.error for f in s.failures]
     rows = _rows(db)
@@ -96,10 +97,11 @@ def test_ood_retrieval_and_leave_one_out_tasks_run_end_to_end(tmp_path: Path) ->
 
 def test_task_metrics_reach_the_protocol() -> None:
     task = load_task("patches13-linear")
-    params = _protocol_params(task, "cpu")
+    params = protocol_params(task)
     assert params["metrics"] == list(task.metrics) and "ece_ts" in params["metrics"]
+    assert "device" not in params  # how a cell runs travels in RunOptions, never in the task's params
     ood = load_task("patches13-ood")
-    assert "top1@ood=blur" not in _protocol_params(ood, "cpu")["metrics"]  # derived names stay filters
+    assert "top1@ood=blur" not in protocol_params(ood)["metrics"]  # derived names stay filters
 
 
 def test_paths_placeholders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,12 +131,17 @@ def test_cli_battle_with_a_missing_path_stops_before_work(tmp_path: Path, capsys
                "--paths", str(paths_file), "--db", str(db)])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "rparis6k" in err and "--paths" in err and not db.exists()
-    # a path that is given but does not exist is a failed cell, recorded, and the battle goes on
-    rc = main(["battle", "--backbones", "random/mobilenetv2_100", "--tasks", "bob-cub200-retrieval",
-               "--paths", str(paths_file), "--db", str(db), "--cache-dir", str(tmp_path / "c")])  # fmt: skip
-    assert rc == 0
-    failed = _rows(db)
-    assert (failed["status"] == "failed").all() and failed["error"].str.contains("/nowhere/cub").all()
+    # a path that is given but does not exist: the preflight names the key, the cell is recorded as
+    # failed without running, the battle goes on with the rest and exits 1
+    knn = _task(tmp_path, "digits-knn", "version: 1\ndataset: digits\nprotocol: knn\nimage_size: 32\n")
+    rc = main(["battle", "--backbones", "random/mobilenetv2_100", "--tasks", f"bob-cub200-retrieval,{knn}",
+               "--workers", "0", "--paths", str(paths_file), "--db", str(db), "--cache-dir", str(tmp_path / "c")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1 and "cub200 (/nowhere/cub)" in err and str(paths_file) in err
+    rows = _rows(db)
+    assert set(rows.loc[rows["status"] == "ok", "task"]) == {"digits-knn"}
+    failed = rows[rows["status"] == "failed"]
+    assert len(failed) == 1 and failed["error"].str.contains("preflight: dataset .*/nowhere/cub").all()
     assert json.loads(failed["config_json"].iloc[0])["task"]["dataset"] == "imagefolder:/nowhere/cub"
     # every battle ends by writing the HTML report beside its database, failed-only ones too
     page = (tmp_path / "report" / "index.html").read_text()

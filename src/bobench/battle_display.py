@@ -13,7 +13,7 @@ Extraction bars opened meanwhile (:func:`bobench.progress.progress_bar`) are rou
 extra rows, so there is exactly one ``Live`` on the terminal and nothing redraws over it.
 
 Anywhere else (pipes, files, CI) it prints exactly one plain line per finished cell, the format of
-:func:`bobench.runner.print_outcome`, and nothing else: no colours, cursor moves or carriage returns.
+:func:`outcome_line`, and nothing else: no colours, cursor moves or carriage returns.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from rich.console import Console, RenderableType
     from rich.live import Live
 
-    from bobench.runner import BattleSummary, CellOutcome
+    from bobench.cells import CellOutcome
+    from bobench.runner import BattleSummary
 
 
 def first_error_line(out: CellOutcome, limit: int = 200) -> str:
@@ -50,14 +51,14 @@ def metric_text(out: CellOutcome) -> str:
 
 
 def outcome_line(out: CellOutcome, summary: BattleSummary) -> str:
-    """The plain log line of one finished cell, as :func:`bobench.runner.print_outcome` writes it.
+    """The plain log line of one finished cell.
 
     ``[i/n] backbone | task | seed s: metric=value (x.xs)`` or ``...: FAILED: first error line``,
     where ``i`` counts the cells finished so far in this run and ``n`` those it had to run (planned
     minus skipped).
     """
     pc = out.planned
-    n = len(summary.planned) - summary.skipped
+    n = len(summary.planned) - summary.skipped - summary.blocked
     i = summary.done + summary.failed
     msg = metric_text(out) if out.status == "ok" else "FAILED: " + first_error_line(out)
     secs = f" ({out.wall_time_s:.1f}s)" if out.wall_time_s is not None else ""
@@ -67,9 +68,8 @@ def outcome_line(out: CellOutcome, summary: BattleSummary) -> str:
 def eta_seconds(elapsed_s: float, finished: int, remaining: int) -> float | None:
     """Time left: the mean wall time per finished cell times the cells remaining.
 
-    The mean is taken over the battle's elapsed wall clock, not over ``CellOutcome.wall_time_s``,
-    because the latter times only the protocol step, while building the model and extracting
-    features (most of a battle's time) happen before a backbone's first cell finishes.
+    The mean is taken over the battle's elapsed wall clock (cells that only read the cache are fast,
+    the first cell of each backbone pays for its build and extraction).
 
     Returns:
         None before any cell has finished (no estimate yet), 0.0 when nothing remains.
@@ -178,13 +178,15 @@ class BattleDisplay:
     def on_outcome(self, out: CellOutcome, summary: BattleSummary) -> None:
         """Record one finished cell: redraw the panel (at its refresh rate) or print its plain line.
 
-        Same signature as :func:`bobench.runner.print_outcome`; never raises for odd outcomes
+        The runner's ``on_outcome`` callback; never raises for odd outcomes
         (a failure without an error text, an ok cell without metrics).
         """
         pc = out.planned
         with self._lock:
             self.total = len(summary.planned)
-            self.skipped, self.done, self.failed = summary.skipped, summary.done, summary.failed
+            # cells the preflight blocked are failures too (recorded, never run, never shown one by one)
+            self.skipped, self.done = summary.skipped, summary.done
+            self.failed = summary.failed + summary.blocked
             self.backbone = pc.backbone
             self.last_ok = out.status == "ok"
             msg = metric_text(out) if self.last_ok else "FAILED"

@@ -65,3 +65,21 @@ def resolve_placement(device: str = "auto", precision: str = "auto") -> Placemen
     if dev.type == "cpu" and precision == "fp16":
         raise ValueError("fp16 autocast is not supported on the CPU; use bf16 or fp32")
     return Placement(dev, autocast, precision)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window on ``device`` (CUDA only; the CPU's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: on CUDA, allocated on ``device`` since the last :func:`reset_peak_memory`;
+    elsewhere the process's peak resident set size so far (it never goes down)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    import sys
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kb / 2**20 if sys.platform == "darwin" else kb / 2**10

@@ -8,8 +8,8 @@ Layout under ``root``::
     <key>.lock                    # held by the one process extracting this key
 
 The key is a sha256 over everything that changes the numbers: the backbone's weights digest (a hash
-of its parameters, so a random init's seed is in it too), its spec, the resolved preprocessing, the
-layer and pooling, the dataset manifest hash (files, labels, split), the precision and the device type.
+of its parameters, so a random init's seed is in it too), its spec, the resolved preprocessing, what is
+cached (the pooled embedding) and its pooling, the dataset manifest hash (files, labels, split), the precision and the device type.
 Change any of them and the key changes: a stale hit is impossible by construction.
 
 Every file is written to a temporary name and renamed, so a killed extraction leaves only whole
@@ -23,10 +23,9 @@ import copy
 import hashlib
 import json
 import os
-import resource
-import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,8 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from bobench.device import Placement, resolve_placement
+from bobench.device import Placement, peak_memory_mb, resolve_placement
+from bobench.options import RunOptions
 
 FORMAT_VERSION = 1  # bump when the on-disk layout or the meaning of a key component changes
 
@@ -48,8 +48,9 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class ExtractOptions:
-    """How to run an extraction. Only ``image_size``, ``layer`` and the resolved device type and
-    precision enter the cache key; batch size, workers and shard size never change the numbers.
+    """How to run an extraction: the run options (:class:`~bobench.options.RunOptions`) plus what is
+    particular to extraction. Only ``image_size`` and the resolved device type and precision enter
+    the cache key; batch size, workers and shard size never change the numbers.
 
     Attributes:
         device: ``auto`` | ``cpu`` | ``cuda[:N]`` | ``mps``.
@@ -70,7 +71,19 @@ class ExtractOptions:
     shard_size: int = 8192
     channels_last: bool | None = None
     progress: bool = True
-    layer: str = "embed"
+
+    @classmethod
+    def from_run(cls, options: RunOptions, **extra: Any) -> ExtractOptions:
+        """The extraction options of ``options``, with ``extra`` (``image_size``, ``shard_size``) set."""
+        return cls(
+            device=options.device,
+            precision=options.precision,
+            batch_size=options.batch_size,
+            num_workers=options.num_workers,
+            channels_last=options.channels_last,
+            progress=options.progress,
+            **extra,
+        )
 
 
 @dataclass
@@ -148,11 +161,18 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _peak_mem_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return kb / 2**20 if sys.platform == "darwin" else kb / 2**10
+@contextmanager
+def _worker_errors_unwrapped() -> Iterator[None]:
+    """Re-raise a DataLoader worker's error as itself (naming the file and the fix), not torch's wrapper."""
+    from bobench.data.errors import unwrap_worker_error
+
+    try:
+        yield
+    except Exception as exc:
+        original = unwrap_worker_error(exc)
+        if original is exc:
+            raise
+        raise original from None
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -182,7 +202,7 @@ class FeatureStore:
             "weights_digest": card.weights_digest,
             "spec": card.spec,
             "preprocess": backbone.preprocess(train=False, image_size=options.image_size),
-            "layer": options.layer,
+            "layer": "embed",  # what is cached: the pooled embedding (dense maps will get their own key)
             "pool": card.pool,
             "dataset": dataset.manifest_hash,
             "precision": placement.precision,
@@ -283,7 +303,7 @@ class FeatureStore:
             "device": str(placement.device),
             "precision": placement.precision,
             "batch_size": options.batch_size,
-            "peak_mem_mb": _peak_mem_mb(placement.device),
+            "peak_mem_mb": peak_memory_mb(placement.device),
             "resumed_shards": len(done),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -361,6 +381,7 @@ class FeatureStore:
             progress_bar(
                 f"extract {backbone.card.name}", total=len(indices), enabled=options.progress
             ) as bar,
+            _worker_errors_unwrapped(),
         ):
             for emb, y in self._overlapped(loader, forward):
                 if emb.shape[-1] != dim:

@@ -1,9 +1,15 @@
-"""The battle runner: plan → skip done → group by features → execute → record.
+"""The battle runner: plan → validate → preflight → skip done → group → execute → record.
 
-Cells (backbone × task × seed) are grouped by backbone so each model is built once, and within a group
-by (dataset, image size) so every protocol on the same data reuses one cached forward pass. A failing
-cell is recorded with its error and the battle goes on; a killed battle resumes where it stopped,
-because finished cells are in the store (skipped unless ``force``) and finished features are cached.
+Cells (backbone × task × seed) are grouped by backbone so each model is built once (a random-init
+control once per seed: the cell's seed is its init seed), and within a build by (dataset, image size)
+so every frozen protocol on the same data reuses one cached forward pass (:mod:`bobench.frozen`). A
+failing cell is recorded with its error and the battle goes on; a killed battle resumes where it
+stopped, because finished cells are in the store (skipped unless ``force``) and finished features are
+cached.
+
+Before any work, backbone and task names are validated (a name that matches nothing raises: a usage
+error) and the preflight (:mod:`bobench.preflight`) finds backbones without weights and datasets
+that are not on disk; the cells they block are recorded as failed with that cause, without running.
 
 Executors decide where a group runs (:mod:`bobench.executors`); the driver process is the single writer
 of the results store, whatever the executor.
@@ -13,59 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
-import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bobench.features import ExtractOptions, FeatureStore
-from bobench.metrics import Metric
+from bobench.cells import CellOutcome, PlannedCell, WorkGroup, failed
+from bobench.options import RunOptions
+from bobench.preflight import Preflight
 from bobench.store import Cell, ResultStore
 from bobench.task import TaskConfig, load_task, resolve_paths
-
-
-@dataclass(frozen=True)
-class PlannedCell:
-    """One unit of work: a backbone, a task and a seed, with its store identity."""
-
-    backbone: str
-    task: TaskConfig
-    seed: int
-    cell: Cell
-    config: dict[str, Any]
-
-
-@dataclass
-class CellOutcome:
-    """What running one cell produced; the driver turns it into store rows."""
-
-    planned: PlannedCell
-    status: str  # "ok" | "failed"
-    metrics: list[Metric] = field(default_factory=list)
-    error: str = ""
-    card: dict[str, Any] | None = None
-    device: str = ""
-    dtype: str = ""
-    wall_time_s: float | None = None
-    img_per_s: float | None = None
-    peak_mem_mb: float | None = None
-    n_train: int | None = None
-    n_test: int | None = None
-    predictions: dict[str, Any] | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class WorkGroup:
-    """All pending cells of one backbone, plus what is needed to run them anywhere."""
-
-    backbone: str
-    cells: tuple[PlannedCell, ...]
-    extract: ExtractOptions
-    cache_dir: str
 
 
 def _config_hash(backbone: str, task: TaskConfig, seed: int) -> str:
@@ -88,7 +52,8 @@ def plan(
         paths: values for ``${name}`` path placeholders in the tasks' dataset specs.
 
     Raises:
-        TaskError: a task names a path placeholder that ``paths`` lacks (before any work starts).
+        TaskError: an unknown task, or a task that names a path placeholder ``paths`` lacks (before any
+            work starts).
     """
     loaded = [resolve_paths(t if isinstance(t, TaskConfig) else load_task(t), paths or {}) for t in tasks]
     cells = []
@@ -102,164 +67,6 @@ def plan(
                 config = {"backbone": bb, "seed": seed, "task": t.model_dump(mode="json")}
                 cells.append(PlannedCell(bb, t, seed, cell, config))
     return cells
-
-
-def _error_text(exc: BaseException) -> str:
-    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    return f"{type(exc).__name__}: {exc}\n\n{''.join(tb[-6:])}"
-
-
-def _protocol_params(task: TaskConfig, device: str) -> dict[str, Any]:
-    from bobench.metrics import METRICS
-    from bobench.protocols import PROTOCOLS
-
-    params = dict(task.params)
-    meta = PROTOCOLS[task.protocol].meta
-    # the task's metrics list is what gets computed, not only what gets kept (e.g. ece_ts needs its
-    # temperature fit); names a protocol derives (top1@ood=blur) are not in METRICS and stay filters
-    wanted = [m for m in task.metrics if m in METRICS]
-    if meta.get("accepts_metrics") and wanted and "metrics" not in params:
-        params["metrics"] = wanted
-    # probes run on the device the features came from, unless the task says otherwise; after MPS
-    # extraction each probe keeps its own default, as MPS lacks the float64 the linear solver needs
-    if meta.get("accepts_device") and "device" not in params and not device.startswith("mps"):
-        params["device"] = device
-    return params
-
-
-def _ood_set(store: FeatureStore, backbone, spec: str, opts: ExtractOptions, id_classes: Sequence[str]):
-    """Features of an OOD dataset's test split, its labels mapped to in-distribution class indices."""
-    import numpy as np
-
-    from bobench.data import DatasetError, load_dataset
-    from bobench.protocols.base import OodSet
-
-    ds = load_dataset(spec, split="test")
-    index = {c: i for i, c in enumerate(id_classes)}
-    unknown = [c for c in ds.classes if c not in index]
-    if unknown:
-        raise DatasetError(
-            f"OOD dataset {spec}: class(es) {unknown[:5]} are not in-distribution classes; an OOD set must "
-            "use the same class names (e.g. ImageNet wnids) as the dataset the probe is trained on."
-        )
-    to_id = np.array([index[c] for c in ds.classes], dtype=np.int64)
-    feats = store.get_or_extract(backbone, ds, opts)
-    accept = None
-    if "label_sets" in ds.extras:  # e.g. ObjectNet: {label wnid: [every wnid that counts as correct]}
-        accept = {
-            index[k]: np.array([index[w] for w in ws if w in index], dtype=np.int64)
-            for k, ws in ds.extras["label_sets"].items()
-            if k in index
-        }
-    return OodSet(feats, to_id[ds.targets], np.unique(to_id), accept)
-
-
-def run_group(group: WorkGroup) -> Iterator[CellOutcome]:
-    """Run every cell of one backbone: build it once, extract each dataset once, run the protocols.
-
-    Never raises for a cell's failure: a failing build, extraction or protocol becomes ``failed``
-    outcomes for exactly the cells it affects. Runs in the driver (local executor) or in a worker.
-    """
-    from bobench.backbones import create_backbone
-    from bobench.data import DatasetError, load_dataset
-    from bobench.device import resolve_placement
-    from bobench.protocols import get_protocol
-    from bobench.protocols.base import ProbeData
-
-    t0 = time.perf_counter()
-    try:
-        backbone = create_backbone(group.backbone)
-    except Exception as exc:
-        err = _error_text(exc)
-        for pc in group.cells:
-            yield CellOutcome(pc, "failed", error=f"building backbone {group.backbone} failed: {err}")
-        return
-    card = backbone.card.to_dict()
-    build_s = time.perf_counter() - t0
-    store = FeatureStore(group.cache_dir)
-    placement = resolve_placement(group.extract.device, group.extract.precision)
-    by_data: dict[tuple, list[PlannedCell]] = {}
-    for pc in group.cells:
-        key = (pc.task.dataset, pc.task.image_size, pc.task.splits, tuple(sorted(pc.task.ood.items())))
-        by_data.setdefault(key, []).append(pc)
-    for (dataset, image_size, splits, ood), cells in by_data.items():
-        t1 = time.perf_counter()
-        try:
-            opts = ExtractOptions(**{**group.extract.__dict__, "image_size": image_size})
-            feats: dict[str, Any] = {}
-            ds_train = ds_test = None
-            for split in splits:
-                try:
-                    ds = load_dataset(dataset, split=split)
-                except DatasetError:
-                    if split == "val":  # no val split: protocols fall back to k-fold on train
-                        feats["val"] = None
-                        continue
-                    raise
-                ds_train = ds if split == "train" else ds_train
-                ds_test = ds if split == "test" else ds_test
-                feats[split] = store.get_or_extract(backbone, ds, opts)
-            extras = dict(ds_test.extras)
-            if ood:
-                id_classes = (ds_train or ds_test).classes
-                extras["ood"] = {
-                    name: _ood_set(store, backbone, spec, opts, id_classes) for name, spec in ood
-                }
-        except Exception as exc:
-            err = _error_text(exc)
-            for pc in cells:
-                yield CellOutcome(pc, "failed", error=f"features of {dataset} failed: {err}", card=card)
-            continue
-        extract_s = time.perf_counter() - t1
-        all_feats = [*feats.values(), *(o.features for o in extras.get("ood", {}).values())]
-        fresh = [f for f in all_feats if f is not None and not f.cache_hit]
-        n_fresh = sum(f.stats["n_extracted"] for f in fresh)
-        img_per_s = n_fresh / sum(f.stats["wall_time_s"] for f in fresh) if n_fresh else None
-        ds_train = ds_train or ds_test  # a test-only task (leave-one-out retrieval)
-        data = ProbeData(
-            train=feats.get("train", feats["test"]),
-            test=feats["test"],
-            val=feats.get("val"),
-            n_classes=len(ds_train.classes),
-            classes=list(ds_train.classes),
-            extras=extras,
-        )
-        for pc in cells:
-            t2 = time.perf_counter()
-            common = {
-                "card": card,
-                "device": str(placement.device),
-                "dtype": placement.precision,
-                "img_per_s": img_per_s,
-                "n_train": data.train.n,
-                "n_test": data.test.n,
-            }
-            try:
-                result = get_protocol(pc.task.protocol)(
-                    data, _protocol_params(pc.task, str(placement.device)), pc.seed
-                )
-                keep = set(pc.task.metrics)
-                metrics = [m for m in result.metrics if not keep or m.name in keep]
-                if not metrics:
-                    raise ValueError(
-                        f"protocol {pc.task.protocol} returned none of the task's metrics {sorted(keep)}"
-                    )
-                if pc.task.primary not in {m.name for m in result.metrics}:
-                    raise ValueError(f"task {pc.task.name}: primary metric {pc.task.primary!r} not produced")
-                wall = time.perf_counter() - t2
-                yield CellOutcome(
-                    pc,
-                    "ok",
-                    metrics=metrics,
-                    wall_time_s=wall,
-                    predictions=result.predictions,
-                    info={**result.info, "build_s": build_s, "extract_s": extract_s},
-                    **common,
-                )
-            except Exception as exc:
-                yield CellOutcome(
-                    pc, "failed", error=_error_text(exc), wall_time_s=time.perf_counter() - t2, **common
-                )
 
 
 def _predictions_path(store: ResultStore, pc: PlannedCell) -> Path:
@@ -309,14 +116,37 @@ def record(store: ResultStore, out: CellOutcome) -> None:
 
 @dataclass
 class BattleSummary:
-    """Counts of a battle run and the cells it planned."""
+    """Counts of a battle run and the cells it planned.
+
+    ``failed`` counts cells that ran and failed, ``blocked`` those the preflight failed without running;
+    both are in ``failures`` and in the store.
+    """
 
     planned: list[PlannedCell]
     done: int = 0
     failed: int = 0
+    blocked: int = 0
     skipped: int = 0
     failures: list[CellOutcome] = field(default_factory=list)
+    preflight: Preflight | None = None
     wall_time_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when no cell failed or was blocked in this run."""
+        return not self.failed and not self.blocked
+
+
+def validate_backbones(backbones: Sequence[str]) -> None:
+    """Raise for the first backbone name that can name nothing (a usage error, before any work).
+
+    Raises:
+        UnknownNameError: the name, with did-you-mean suggestions.
+    """
+    from bobench.backbones.availability import check_name
+
+    for name in dict.fromkeys(backbones):
+        check_name(name)
 
 
 def run_battle(
@@ -325,13 +155,14 @@ def run_battle(
     *,
     store: ResultStore,
     cache_dir: str | Path | None = None,
-    extract: ExtractOptions | None = None,
+    options: RunOptions | None = None,
     seeds: Sequence[int] | None = None,
     force: bool = False,
     executor: str = "local",
     on_outcome: Callable[[CellOutcome, BattleSummary], None] | None = None,
     paths: dict[str, str] | None = None,
     executor_options: dict[str, Any] | None = None,
+    preflight: Preflight | bool = True,
 ) -> BattleSummary:
     """Run backbones × tasks × seeds, skipping cells already in ``store`` unless ``force``.
 
@@ -339,29 +170,48 @@ def run_battle(
         backbones: zoo names or specs. tasks: names, paths or configs. seeds: override task seeds.
         store: the results store (this process is its only writer).
         cache_dir: feature cache root (default ``~/.cache/bobench/features``).
-        extract: device, precision, batch size, workers (``image_size`` comes from each task).
+        options: device, precision, batch size, workers (never part of a cell's identity).
         executor: ``local`` (in-process, the default) or ``ray`` (one Ray task per backbone).
         executor_options: passed to the executor, e.g. ``{"address": "auto", "max_retries": 2}`` for ray.
-        on_outcome: called after each cell is recorded (progress display).
+        on_outcome: called after each cell that ran is recorded (progress display); cells the preflight
+            blocks are recorded without it (they are summarised once per cause instead).
         paths: values for ``${name}`` dataset path placeholders (a paths file, see ``load_paths``).
+        preflight: True checks weights and dataset paths first (:func:`bobench.preflight.check`), a
+            :class:`~bobench.preflight.Preflight` is used as given, False skips the check.
 
     Returns:
         A :class:`BattleSummary`; failures are also in the store with their errors.
+
+    Raises:
+        UnknownNameError: a backbone name that names nothing. TaskError: an unknown task or a missing
+            path placeholder. Both before any work.
     """
     from bobench.executors import get_executor
+    from bobench.features import FeatureStore
+    from bobench.preflight import check
 
     t0 = time.perf_counter()
-    extract = extract or ExtractOptions()
+    options = options or RunOptions()
     cache = str(cache_dir) if cache_dir is not None else str(FeatureStore().root)
     planned = plan(backbones, tasks, seeds, paths)
-    summary = BattleSummary(planned)
+    validate_backbones(backbones)
+    pending_cells = [pc for pc in planned if force or not store.has_result(pc.cell)]
+    if preflight is True:
+        loaded = list({pc.task.name: pc.task for pc in pending_cells}.values())
+        preflight = check(list(dict.fromkeys(pc.backbone for pc in pending_cells)), loaded, paths=paths)
+    summary = BattleSummary(planned, skipped=len(planned) - len(pending_cells))
+    summary.preflight = preflight or None
     pending: dict[str, list[PlannedCell]] = {}
-    for pc in planned:
-        if not force and store.has_result(pc.cell):
-            summary.skipped += 1
-        else:
+    for pc in pending_cells:
+        blocker = preflight.blocker(pc.backbone, pc.task) if preflight else None
+        if blocker is None:
             pending.setdefault(pc.backbone, []).append(pc)
-    groups = [WorkGroup(bb, tuple(cells), extract, cache) for bb, cells in pending.items()]
+            continue
+        out = failed(pc, f"{blocker.kind} {blocker.subject}", blocker.message())
+        record(store, out)
+        summary.blocked += 1
+        summary.failures.append(out)
+    groups = [WorkGroup(bb, tuple(cells), options, cache) for bb, cells in pending.items()]
     for out in get_executor(executor)(groups, **(executor_options or {})):
         record(store, out)  # the driver is the single writer
         if out.status == "ok":
@@ -373,19 +223,3 @@ def run_battle(
             on_outcome(out, summary)
     summary.wall_time_s = time.perf_counter() - t0
     return summary
-
-
-def print_outcome(out: CellOutcome, summary: BattleSummary) -> None:
-    """One log line per finished cell, on stderr."""
-    pc = out.planned
-    n = len(summary.planned) - summary.skipped
-    i = summary.done + summary.failed
-    if out.status == "ok":
-        primary = next((m for m in out.metrics if m.name == pc.task.primary), out.metrics[0])
-        msg = f"{primary.name}={primary.value:.4f}"
-    else:
-        msg = "FAILED: " + out.error.splitlines()[0][:200]
-    secs = f" ({out.wall_time_s:.1f}s)" if out.wall_time_s is not None else ""
-    print(
-        f"[{i}/{n}] {pc.backbone} | {pc.task.name} | seed {pc.seed}: {msg}{secs}", file=sys.stderr, flush=True
-    )

@@ -14,11 +14,13 @@ from typing import Annotated
 import typer
 
 from bobench.cli.backbones import backbones_app
+from bobench.cli.battle import battle
 from bobench.cli.output import echo_json as _echo_json
 from bobench.cli.output import emit as _emit
 from bobench.cli.output import table as _table
 from bobench.cli.report import report_cmd
 from bobench.cli.results import default_db, results_app
+from bobench.options import RunOptions
 
 app = typer.Typer(
     name="bobench",
@@ -134,70 +136,6 @@ def _split(csv: str | None) -> list[str] | None:
     return [x.strip() for x in csv.split(",") if x.strip()] if csv else None
 
 
-def _battle(
-    backbones: list[str],
-    tasks: list[str],
-    *,
-    db: Path,
-    cache_dir: Path | None,
-    device: str,
-    precision: str,
-    batch_size: int,
-    workers: int | None,
-    force: bool,
-    seeds: list[int] | None,
-    title: str,
-    paths: Path | None = None,
-    report: bool = True,
-    executor: str = "local",
-    executor_options: dict | None = None,
-) -> None:
-    from bobench.battle_display import BattleDisplay
-    from bobench.features import ExtractOptions
-    from bobench.leaderboard import format_leaderboard, leaderboard
-    from bobench.runner import plan, run_battle
-    from bobench.store import ResultStore
-    from bobench.task import load_paths, load_task
-
-    where = load_paths(paths)
-    loaded = [load_task(t, where) for t in tasks]
-    opts = ExtractOptions(device=device, precision=precision, batch_size=batch_size, num_workers=workers)
-    with ResultStore(db) as store:
-        # a live panel on a terminal, one plain line per cell otherwise (CI logs)
-        with BattleDisplay(len(plan(backbones, loaded, seeds))) as display:
-            summary = run_battle(
-                backbones,
-                loaded,
-                store=store,
-                cache_dir=cache_dir,
-                extract=opts,
-                seeds=seeds,
-                force=force,
-                on_outcome=display.on_outcome,
-                executor=executor,
-                executor_options=executor_options,
-            )
-        table = leaderboard(store, backbones, loaded)
-    typer.echo(format_leaderboard(table, f"{title}: primary metric x100 (mean over the tasks present)"))
-    typer.echo(
-        f"{summary.done} cells run, {summary.skipped} skipped (already in {db}), {summary.failed} failed "
-        f"in {summary.wall_time_s:.0f} s."
-    )
-    for out in summary.failures:
-        typer.secho(
-            f"  failed: {out.planned.backbone} | {out.planned.task.name}: {out.error.splitlines()[0][:300]}",
-            fg="red",
-            err=True,
-        )
-    if summary.failed:
-        typer.echo("Failed cells are recorded with their errors; rerun the same command to retry only them.")
-    if report:
-        from bobench.report import build_report
-
-        page = build_report(db, db.parent / "report", title=f"bobench {title}")
-        typer.echo(f"Report: {page} (open it in a browser; `bobench report` rebuilds it).")
-
-
 _PATHS = Annotated[
     Path | None,
     typer.Option(
@@ -213,12 +151,34 @@ _CACHE = Annotated[
 ]
 _DEVICE = Annotated[str, typer.Option(help="auto | cpu | cuda[:N] | mps")]
 _PRECISION = Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16")]
-_BATCH = Annotated[int, typer.Option(help="Images per forward (halved on OOM).")]
-_WORKERS = Annotated[int | None, typer.Option(help="DataLoader workers (default: spare cores).")]
+_BATCH = Annotated[int, typer.Option(min=1, help="Images per forward (halved on OOM).")]
+_WORKERS = Annotated[int | None, typer.Option(min=0, help="DataLoader workers (default: spare cores).")]
 _FORCE = Annotated[bool, typer.Option("--force", help="Redo cells that are already in the database.")]
+_DRY = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run", help="Print the plan and the preflight, run nothing (exit 1 if it found problems)."
+    ),
+]
+_STRICT = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        help="Stop before any work when the preflight finds missing weights or datasets "
+        "(default: record those cells as failed and run the rest).",
+    ),
+]
+_EXIT_CODES = (
+    "Exit codes: 0 all cells ok (or skipped as already done); 1 some cell failed or was blocked by the "
+    "preflight (recorded with its error; rerun to retry only those); 2 usage error, before any work."
+)
 
 
-@app.command("run")
+def _options(device: str, precision: str, batch_size: int, workers: int | None) -> RunOptions:
+    return RunOptions(device=device, precision=precision, batch_size=batch_size, num_workers=workers)
+
+
+@app.command("run", epilog=_EXIT_CODES)
 def run_cmd(
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="Zoo name or spec.")],
     task: Annotated[list[str], typer.Option("--task", "-t", help="Task name or YAML path (repeatable).")],
@@ -231,25 +191,27 @@ def run_cmd(
     workers: _WORKERS = None,
     force: _FORCE = False,
     paths: _PATHS = None,
+    dry_run: _DRY = False,
+    strict: _STRICT = False,
 ) -> None:
     """Run one backbone on one or more tasks."""
-    _battle(
+    rc = battle(
         [backbone],
         task,
         db=db,
+        options=_options(device, precision, batch_size, workers),
+        title="run",
         cache_dir=cache_dir,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        workers=workers,
         force=force,
         seeds=seed or None,
-        title=backbone,
         paths=paths,
+        dry_run=dry_run,
+        strict=strict,
     )
+    raise typer.Exit(rc)
 
 
-@app.command("battle")
+@app.command("battle", epilog=_EXIT_CODES)
 def battle_cmd(
     suite: Annotated[str | None, typer.Option(help="Suite name (demo) or YAML file.")] = None,
     backbones: Annotated[
@@ -264,6 +226,8 @@ def battle_cmd(
     workers: _WORKERS = None,
     force: _FORCE = False,
     paths: _PATHS = None,
+    dry_run: _DRY = False,
+    strict: _STRICT = False,
     executor: Annotated[str, typer.Option(help="local (in this process) or ray (bobench[ray]).")] = "local",
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address (auto: a running cluster; default: start one).")
@@ -272,8 +236,10 @@ def battle_cmd(
 ) -> None:
     """Run a suite (or --backbones x --tasks), skipping finished cells, and print the leaderboard.
 
-    Suites over datasets on disk (e.g. ``bob``) name them by placeholder; give their locations with
-    --paths FILE (see examples/bob-paths.yaml).
+    Before any work it checks every backbone's weights and every dataset path (the preflight) and says
+    what is missing with the command or paths key that fixes it. Suites over datasets on disk (e.g.
+    ``bob``) name them by placeholder; give their locations with --paths FILE (see
+    examples/bob-paths.yaml).
     """
     from bobench.task import load_suite
 
@@ -282,25 +248,25 @@ def battle_cmd(
     s = load_suite(suite) if suite else None
     bbs = _split(backbones) or list(s.backbones)
     ts = _split(tasks) or list(s.tasks)
-    _battle(
+    rc = battle(
         bbs,
         ts,
         db=db,
+        options=_options(device, precision, batch_size, workers),
+        title=s.name if s else "battle",
         cache_dir=cache_dir,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        workers=workers,
         force=force,
-        seeds=None,
-        title=s.name if s and not backbones else "battle",
         paths=paths,
         executor=executor,
         executor_options={"address": address, "max_retries": max_retries} if executor == "ray" else None,
+        dry_run=dry_run,
+        strict=strict,
+        fetch_hint=f"bobench backbones fetch --suite {s.name}" if s and not backbones else None,
     )
+    raise typer.Exit(rc)
 
 
-@app.command("demo")
+@app.command("demo", epilog=_EXIT_CODES)
 def demo(
     db: _DB = default_db(),
     cache_dir: _CACHE = None,
@@ -311,20 +277,17 @@ def demo(
     from bobench.task import load_suite
 
     s = load_suite("demo")
-    _battle(
+    rc = battle(
         list(s.backbones),
         list(s.tasks),
         db=db,
-        cache_dir=cache_dir,
-        device=device,
-        precision="auto",
-        batch_size=64,
-        workers=None,
-        force=force,
-        seeds=None,
+        options=_options(device, "auto", 64, None),
         title="demo",
+        cache_dir=cache_dir,
+        force=force,
     )
     typer.echo(f"Results: {db} (export with `bobench results export results.csv`).")
+    raise typer.Exit(rc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,9 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         import click
 
-        if isinstance(exc, click.ClickException):
+        # typer >= 0.29 vendors its own click: its usage errors (bad option values) are not
+        # click.ClickException, but carry the same show() that names the option
+        if isinstance(exc, click.ClickException | typer.TyperException) and callable(
+            getattr(exc, "show", None)
+        ):
             exc.show()
-            return exc.exit_code
+            return int(getattr(exc, "exit_code", 2))
         if os.environ.get("BOBENCH_DEBUG"):
             raise
         typer.secho(f"error: {exc}", err=True, fg="red")

@@ -25,8 +25,9 @@ def open_rgb(path: str) -> Image.Image:
         ) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DatasetError(
-            f"cannot read image {path} ({type(exc).__name__}: {exc}); replace or delete the file, or load "
-            "the dataset with skip_bad_images=true to drop unreadable images."
+            f"cannot read image {path} ({type(exc).__name__}: {exc}); replace or delete the file, or add "
+            "?skip_bad_images=true to the dataset spec (e.g. imagefolder:/data/pets?skip_bad_images=true) "
+            "to drop unreadable images."
         ) from exc
 
 

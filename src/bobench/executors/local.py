@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from bobench.runner import CellOutcome, WorkGroup, run_group
+from bobench.cells import CellOutcome, WorkGroup
+from bobench.groups import run_group
 
 
 def execute(groups: list[WorkGroup], **options: object) -> Iterator[CellOutcome]:

@@ -7,9 +7,9 @@ Contract (``execute(groups, *, address=None, max_retries=1, num_cpus=None, num_g
   Ray's logging quiet (worker logs stay in Ray's session log directory); Ray is shut down at the end
   only if this function started it. An already initialised Ray (a notebook, a test fixture) is used
   as it is and left running.
-* **One task per group.** Each :class:`~bobench.runner.WorkGroup` (one backbone: built once, each
+* **One task per group.** Each :class:`~bobench.cells.WorkGroup` (one backbone: built once, each
   dataset extracted once) runs as one *streaming generator* task (``num_returns="streaming"``)
-  executing :func:`~bobench.runner.run_group`, which yields each cell's outcome as it finishes; so the
+  executing :func:`~bobench.groups.run_group`, which yields each cell's outcome as it finishes; so the
   driver records cells as they complete, and a killed battle loses at most the cells in flight.
 * **Worker environment.** Every task carries ``runtime_env={"env_vars": …}`` with the driver's
   ``BOBENCH_*``, Hugging Face (``HF_*``…), torch cache and thread-count variables, and a
@@ -27,7 +27,7 @@ Contract (``execute(groups, *, address=None, max_retries=1, num_cpus=None, num_g
 * **Order.** Outcomes are yielded in completion order across groups: :func:`ray.wait` over the
   groups' generators returns whichever has its next outcome ready first.
 * **Single writer.** This executor only yields; the driver alone writes the results store.
-* **Failures.** A cell's own failure is a ``failed`` outcome from :func:`~bobench.runner.run_group`,
+* **Failures.** A cell's own failure is a ``failed`` outcome from :func:`~bobench.groups.run_group`,
   as with the local executor. A task that raises or whose worker dies (``WorkerCrashedError``,
   ``RayTaskError``, a lost node…) is resubmitted up to ``max_retries`` times with only the cells of its
   group that have not produced an outcome yet; after the last attempt each of those cells gets a
@@ -54,7 +54,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bobench.runner import CellOutcome, PlannedCell, WorkGroup, run_group
+from bobench.cells import CellOutcome, PlannedCell, WorkGroup
+from bobench.groups import run_group
 
 # Variables that change what a worker computes or where it finds models and caches.
 _ENV_PREFIXES = ("BOBENCH_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TIMM_", "TORCH_")
@@ -104,7 +105,7 @@ def gpus_for(group: WorkGroup, cluster_gpus: float, override: float | None = Non
     """
     if override is not None:
         return override
-    device = group.extract.device
+    device = group.options.device
     if device.startswith("cuda"):
         if cluster_gpus <= 0:
             raise ValueError(
@@ -159,7 +160,7 @@ def execute(
         num_gpus_per_group: GPUs each group's task declares, overriding the device rule.
 
     Returns:
-        An iterator of :class:`~bobench.runner.CellOutcome`, exactly one per cell of ``groups``.
+        An iterator of :class:`~bobench.cells.CellOutcome`, exactly one per cell of ``groups``.
 
     Raises:
         ImportError: Ray is not installed (the message says ``pip install "bobench[ray]"``).
@@ -196,9 +197,9 @@ def _execute(
 
         def submit(group: WorkGroup, number: int) -> None:
             n_gpus = gpus_for(group, gpus, num_gpus_per_group)
-            if n_gpus and group.extract.device.startswith("cuda:"):
+            if n_gpus and group.options.device.startswith("cuda:"):
                 # Ray picks the GPU and shows the task only that one, so an index would point nowhere
-                group = dataclasses.replace(group, extract=dataclasses.replace(group.extract, device="cuda"))
+                group = dataclasses.replace(group, options=group.options.replace(device="cuda"))
             gen = task.options(
                 num_cpus=1 if num_cpus is None else num_cpus,
                 num_gpus=n_gpus,
