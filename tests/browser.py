@@ -228,11 +228,12 @@ class Chromium:
 
     Args:
         binary: browser executable (default: :func:`find_chromium`).
-        timeout: seconds any single wait (start, command, load) may take.
+        timeout: seconds any single wait (start, command, load) may take: a hang guard only, generous
+            so that a busy 2-core CI machine never reaches it.
         width, height: viewport size of new tabs.
     """
 
-    def __init__(self, binary: str | None = None, *, timeout: float = 30.0, width: int = 1280,
+    def __init__(self, binary: str | None = None, *, timeout: float = 120.0, width: int = 1280,
                  height: int = 900) -> None:  # fmt: skip
         self.binary = binary or find_chromium()
         self.timeout, self.width, self.height = timeout, width, height

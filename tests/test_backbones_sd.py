@@ -20,6 +20,7 @@ from bobench.backbones.base import count_params
 from bobench.backbones.diffusers_source import CONFIGS, build, tokenize
 from bobench.backbones.weights import WeightsError, WeightsUnavailableError, apply_state_dict
 from bobench.registry import UnknownNameError
+from user_models import count_network
 
 SD14 = "CompVis/stable-diffusion-v1-4"
 TINY = CONFIGS["tiny"]
@@ -237,10 +238,10 @@ def test_offline_pretrained_fails_fast_naming_the_repo(tmp_path: Path, monkeypat
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # empty cache
-    t = time.perf_counter()
+    calls = count_network(monkeypatch.setattr)  # "fast" = no network attempt and no retry back-off
     with pytest.raises(WeightsUnavailableError) as err:
         build(SD14, pretrained=True)
-    assert time.perf_counter() - t < 10
+    assert calls == {"getaddrinfo": 0, "create_connection": 0, "connect": 0, "sleep": 0}
     msg = str(err.value)
     assert SD14 in msg and "vae/diffusion_pytorch_model.safetensors" in msg and "pretrained=False" in msg
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from bobench.backbones.download import cached_path, url_file, weights_dir
-from bobench.backbones.weights import WeightsError, WeightsUnavailableError, _reachable
+from bobench.backbones.weights import WeightsError, WeightsUnavailableError, reachable
+from user_models import count_network
 
 PAYLOAD = os.urandom(300_000) + b"end"  # not a multiple of the chunk size, random so halves differ
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
@@ -93,15 +94,18 @@ def server() -> Iterator[tuple[str, Served]]:
 @pytest.fixture(autouse=True)
 def _fresh_probe() -> Iterator[None]:
     """Forget cached reachability: a closed port of one test may be a server's port in the next."""
-    _reachable.cache_clear()
+    reachable.cache_clear()
     yield
-    _reachable.cache_clear()
+    reachable.cache_clear()
 
 
-def _closed_port() -> int:
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections: bound but not listening, and held for the whole
+    test, so no other process can take it in between (releasing it first would race)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 def test_weights_dir_and_cached_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -209,14 +213,19 @@ def test_http_404_names_url_and_status(server: tuple[str, Served]) -> None:
     assert not cached_path(url).exists()
 
 
-def test_closed_port_fails_fast_with_the_cache_path() -> None:
-    url = f"http://127.0.0.1:{_closed_port()}/w/model.pth"
-    start = time.monotonic()
+def test_closed_port_fails_fast_with_the_cache_path(
+    closed_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"http://127.0.0.1:{closed_port}/w/model.pth"
+    calls = count_network(monkeypatch.setattr, block=False)  # real connections, counted
     with pytest.raises(WeightsUnavailableError) as info:
         url_file(url, sha256=DIGEST)
-    assert time.monotonic() - start < 5
+    # "fast": the one reachability probe (create_connection does its own lookup and connect), refused at
+    # once, then no download attempt and no retry back-off. Wall time is not checked: load stretches it.
+    assert calls == {"getaddrinfo": 1, "create_connection": 1, "connect": 1, "sleep": 0}
     msg = str(info.value)
     assert url in msg and str(cached_path(url)) in msg and "--weights PATH" in msg and "weights=PATH" in msg
+    assert f"127.0.0.1:{closed_port} cannot be reached" in msg  # the probe answered, not a download try
 
 
 def test_bobench_offline_sends_no_request(

@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 import torch
 
-from bobench.features import ExtractOptions
+from bobench.cells import WorkGroup
+from bobench.options import RunOptions
 from bobench.runner import plan, run_battle
 from bobench.store import ResultStore
 from user_models import TinyNet
@@ -27,32 +28,48 @@ ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.slow
 
-OPTS = ExtractOptions(num_workers=0, batch_size=64, progress=False, device="cpu")
+OPTS = RunOptions(num_workers=0, batch_size=64, progress=False, device="cpu")
 _CFG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
 
+def _marker() -> Path:
+    return Path(os.environ["BOBENCH_TEST_DIE_MARKER"])  # forwarded to workers (a BOBENCH_* variable)
+
+
+def _died_gate() -> Path:
+    """Created by the driver once the 32 px cell's outcome reached it; FlakyNet dies only after that."""
+    return _marker().with_name("flaky-gate")
+
+
+def _sleeping() -> Path:
+    return _marker().with_name("sleeping")
+
+
 class FlakyNet(TinyNet):
-    """Kills its worker process, like an OOM kill, on a 48 px forward while its marker file is armed."""
+    """Kills its worker process, like an OOM kill, on a 48 px forward while its marker file is armed.
+
+    It dies *mid*-group at a known point: first it waits (a handshake, not a sleep) until the driver has
+    the 32 px cell's outcome and opens the gate. A gate that never opens is a failed cell, not a death.
+    """
 
     def forward(self, x):
-        marker = Path(os.environ["BOBENCH_TEST_DIE_MARKER"])  # forwarded to workers (a BOBENCH_* variable)
-        if x.shape[-1] == 48 and marker.read_text() == "armed":
-            marker.write_text("died")  # so the retry lives
-            time.sleep(1.0)  # let the outcome of the 32 px cell reach the driver first: die *mid*-group
+        if x.shape[-1] == 48 and _marker().read_text() == "armed":
+            deadline = time.monotonic() + 300  # only a broken handshake reaches this
+            while not _died_gate().exists():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the driver never opened the gate: the 32 px outcome did not arrive")
+                time.sleep(0.05)
+            _marker().write_text("died")  # so the retry lives
             os._exit(1)
         return super().forward(x)
 
 
-def _sleeping() -> Path:
-    return Path(os.environ["BOBENCH_TEST_DIE_MARKER"]).with_name("sleeping")
-
-
 class SleepyNet(TinyNet):
-    """Takes far longer than any test, so only a cancellation frees its worker."""
+    """Takes far longer than any test (and its deadlines), so only a cancellation frees its worker."""
 
     def forward(self, x):
         _sleeping().touch()
-        time.sleep(120)
+        time.sleep(3600)
         return super().forward(x)
 
 
@@ -111,23 +128,24 @@ def _rows(db: Path) -> pd.DataFrame:
         return s.results(status=None)
 
 
-def _battle(db: Path, backbones: list[str], tasks: list[Path], cache: Path, **options):
+def _battle(db: Path, backbones: list[str], tasks: list[Path], cache: Path, on_outcome=None, **options):
     with ResultStore(db) as store:
         return run_battle(
             backbones,
             tasks,
             store=store,
             cache_dir=cache,
-            extract=OPTS,
+            options=OPTS,
             executor="ray",
             executor_options=options,
+            on_outcome=on_outcome,
         )
 
 
 def test_ray_gives_the_local_numbers(tmp_path: Path, digits_tasks: list[Path]) -> None:
     bbs = ["random/mobilenetv2_100", "user_models:make_declared"]
     with ResultStore(tmp_path / "local.db") as store:
-        run_battle(bbs, digits_tasks, store=store, cache_dir=tmp_path / "c-local", extract=OPTS)
+        run_battle(bbs, digits_tasks, store=store, cache_dir=tmp_path / "c-local", options=OPTS)
     # its own feature cache, so the workers extract the features themselves
     s = _battle(tmp_path / "ray.db", bbs, digits_tasks, tmp_path / "c-ray")
     assert (s.done, s.failed, s.skipped) == (4, 0, 0)
@@ -154,7 +172,6 @@ def test_failing_backbone_is_isolated(tmp_path: Path, digits_tasks: list[Path]) 
 
 def test_ctrl_c_cancels_outstanding_tasks(tmp_path: Path, digits_tasks: list[Path]) -> None:
     from bobench.executors.ray_executor import execute
-    from bobench.runner import WorkGroup
 
     groups = [
         WorkGroup(bb, tuple(plan([bb], digits_tasks[1:])), OPTS, str(tmp_path / "c"))
@@ -163,15 +180,15 @@ def test_ctrl_c_cancels_outstanding_tasks(tmp_path: Path, digits_tasks: list[Pat
     outs = execute(groups)
     first = next(outs)
     assert first.planned.backbone == "user_models:make_declared" and first.status == "ok"
-    deadline = time.time() + 60
-    while not _sleeping().exists() and time.time() < deadline:
+    deadline = time.monotonic() + 120  # deadlines here only catch a hang
+    while not _sleeping().exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _sleeping().exists(), "the sleepy task never started"
     with pytest.raises(KeyboardInterrupt):
         outs.throw(KeyboardInterrupt)
     assert ray.is_initialized()  # started by the fixture, so left running
-    deadline = time.time() + 30
-    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+    deadline = time.monotonic() + 120
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == 2, "the sleepy task still holds its CPU"
 
@@ -184,20 +201,30 @@ def two_sizes(tmp_path: Path) -> list[Path]:
 
 def test_dead_worker_is_retried_with_the_remaining_cells(tmp_path: Path, two_sizes: list[Path]) -> None:
     from bobench.executors.ray_executor import execute
-    from bobench.runner import WorkGroup
 
-    marker = Path(os.environ["BOBENCH_TEST_DIE_MARKER"])
+    marker, gate = _marker(), _died_gate()
+
+    def open_gate_after_d32(outcome, *_) -> None:
+        if outcome.planned.task.name == "d32":
+            gate.touch()
+
+    gate.unlink(missing_ok=True)
     marker.write_text("armed")
     cells = plan(["test_ray:make_flaky"], two_sizes)
     group = WorkGroup("test_ray:make_flaky", tuple(cells), OPTS, str(tmp_path / "c1"))
-    outs = list(execute([group], max_retries=1))
-    assert marker.read_text() == "died"  # it did die once
-    assert sorted(o.planned.task.name for o in outs) == ["d32", "d48"]  # one outcome each, no duplicate
+    outs = []
+    for outcome in execute([group], max_retries=1):
+        outs.append(outcome)
+        open_gate_after_d32(outcome)
+    assert marker.read_text() == "died"  # it did die once, after d32 came back
+    assert [o.planned.task.name for o in outs] == ["d32", "d48"]  # one outcome each, no duplicate
     assert all(o.status == "ok" for o in outs), [o.error for o in outs]
 
+    gate.unlink()
     marker.write_text("armed")
     db = tmp_path / "r.db"
-    s = _battle(db, ["test_ray:make_flaky"], two_sizes, tmp_path / "c2", max_retries=0)
+    # on_outcome runs once the cell is recorded: the worker dies with d32 already in the store
+    s = _battle(db, ["test_ray:make_flaky"], two_sizes, tmp_path / "c2", open_gate_after_d32, max_retries=0)
     assert (s.done, s.failed) == (1, 1)
     rows = _rows(db)
     assert set(rows.loc[rows.status == "ok", "task"]) == {"d32"}  # came back before the death: kept
@@ -207,10 +234,9 @@ def test_dead_worker_is_retried_with_the_remaining_cells(tmp_path: Path, two_siz
 
 def test_gpu_rule() -> None:
     from bobench.executors.ray_executor import gpus_for
-    from bobench.runner import WorkGroup
 
     def group(device: str) -> WorkGroup:
-        return WorkGroup("b", (), ExtractOptions(device=device), "c")
+        return WorkGroup("b", (), RunOptions(device=device), "c")
 
     assert gpus_for(group("cuda:1"), 4) == gpus_for(group("auto"), 4) == 1
     assert gpus_for(group("auto"), 0) == gpus_for(group("cpu"), 4) == gpus_for(group("mps"), 0) == 0
@@ -230,32 +256,44 @@ def test_missing_ray_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> No
 def test_killed_ray_battle_resumes_without_duplicates(
     tmp_path: Path, digits_tasks: list[Path], ray_cluster: str
 ) -> None:
-    db, cache = tmp_path / "r.db", tmp_path / "c"
+    """Killed at a known point (one backbone held at its build by a gate, not by timing), a Ray battle
+    resumes where it stopped."""
+    db, cache, gate = tmp_path / "r.db", tmp_path / "c", tmp_path / "gate"
     tasks = ",".join(str(p) for p in digits_tasks)
-    bbs = "random/mobilenetv2_100,user_models:make_declared"  # the tiny net's cells come back first
+    bbs = "user_models:make_declared,user_models:make_gated"
     cmd = [sys.executable, "-m", "bobench", "battle", "--backbones", bbs, "--tasks", tasks, "--db", str(db)]
     cmd += ["--cache-dir", str(cache), "--workers", "0", "--executor", "ray"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    # BOBENCH_TEST_GATE reaches the workers like every BOBENCH_* variable
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "BOBENCH_TEST_GATE": str(gate)}
     # the killed run joins the module's Ray instance; the rerun starts (and stops) its own
     log = tmp_path / "killed.log"
     with log.open("w") as f:  # a file, not a pipe nobody reads while it runs
         proc = subprocess.Popen([*cmd, "--address", ray_cluster], env=env, stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    n_done = 0
-    while time.time() < deadline and proc.poll() is None and n_done < 1:
-        if db.exists():
-            try:
-                with sqlite3.connect(db) as con:
-                    n_done = con.execute("select count(distinct backbone || task) from results").fetchone()[0]
-            except sqlite3.OperationalError:  # the schema is not there yet
-                n_done = 0
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 1 <= n_done < 4, f"kill came too late or too early ({n_done} cells): {log.read_text()[-2000:]}"
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "skipped" in out.stdout
+    try:
+        # make_declared's two cells get recorded while make_gated waits at its build for the gate
+        deadline = time.monotonic() + 600  # only a real hang reaches this
+        n_done = 0
+        while n_done < 2 and time.monotonic() < deadline and proc.poll() is None:
+            if db.exists():
+                try:
+                    with sqlite3.connect(db) as con:
+                        n_done = con.execute(
+                            "select count(distinct backbone || task) from results"
+                        ).fetchone()[0]
+                except sqlite3.OperationalError:  # the file exists but the schema is not there yet
+                    n_done = 0
+            time.sleep(0.1)
+        assert n_done == 2 and proc.poll() is None, (
+            f"battle ended or hung before the gate ({n_done} cells): {log.read_text()[-2000:]}"
+        )
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert set(_rows(db)["backbone"]) == {"user_models:make_declared"}
+    gate.touch()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr  # 0: every cell ok (a failed cell would make it 1)
+    assert "2 skipped" in out.stdout and "2 cells run (2 ok, 0 failed)" in out.stdout, out.stdout
     rows = _rows(db)
     assert len(rows.groupby(["backbone", "task"])) == 4
     assert not rows.duplicated(["backbone", "task", "seed", "metric", "config_hash"]).any()

@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 from filelock import FileLock
 
-from bobench.backbones.weights import WeightsError, WeightsUnavailableError, _reachable, verify_sha256
+from bobench.backbones.weights import WeightsError, WeightsUnavailableError, reachable, verify_sha256
 
 PROBE_TIMEOUT_S = 3.0  # TCP probe of the host: an offline machine fails in seconds, not minutes
 READ_TIMEOUT_S = 60.0  # per socket operation, so a stalled transfer fails instead of hanging
@@ -91,7 +91,7 @@ def _offline_reason(url: str, download: bool) -> str | None:
         return "BOBENCH_OFFLINE is set"
     # HF_HUB_OFFLINE is deliberately not consulted: it is the Hub's switch, not one for plain URLs.
     host, port = _host_port(url)
-    if not _reachable(host, port, PROBE_TIMEOUT_S):
+    if not reachable(host, port, PROBE_TIMEOUT_S):
         return f"{host}:{port} cannot be reached (offline)"
     return None
 

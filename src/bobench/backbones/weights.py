@@ -22,15 +22,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from bobench.backbones.errors import WeightsError, WeightsUnavailableError
+from bobench.backbones.torchscript import is_torchscript_archive, read_torchscript_state_dict
+
+__all__ = [
+    "WeightsError",
+    "WeightsUnavailableError",
+    "apply_state_dict",
+    "hub_file",
+    "load_state_dict",
+    "network_available",
+    "offline_message",
+    "package_file",
+    "reachable",
+    "sha256_file",
+    "state_digest",
+    "verified_path",
+    "verify_sha256",
+]
+
 _NESTED_KEYS = ("state_dict", "model", "module", "model_state", "teacher", "params")
-
-
-class WeightsError(RuntimeError):
-    """Weights could not be found, verified or loaded; the message says what to do."""
-
-
-class WeightsUnavailableError(WeightsError):
-    """The weights are not on disk and cannot be downloaded from here."""
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -84,8 +95,6 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsError(
             f"weights file {path} does not exist; pass the path of a .safetensors or .pth file"
         )
-    from bobench.backbones.torchscript import is_torchscript_archive, read_torchscript_state_dict
-
     if is_torchscript_archive(path):  # e.g. SSCD's releases: read the tensors, run none of its code
         return read_torchscript_state_dict(path)
     try:
@@ -235,11 +244,16 @@ def network_available(host: str = "huggingface.co", port: int = 443, timeout: fl
     """
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
         return False
-    return _reachable(host, port, timeout)
+    return reachable(host, port, timeout)
 
 
 @functools.lru_cache(maxsize=8)
-def _reachable(host: str, port: int, timeout: float) -> bool:
+def reachable(host: str, port: int, timeout: float) -> bool:
+    """Whether ``host:port`` accepts a TCP connection within ``timeout`` seconds, probed once per process.
+
+    The answer is cached (``reachable.cache_clear()`` forgets it); :func:`network_available` adds the
+    ``HF_HUB_OFFLINE`` switch for the Hub.
+    """
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from bobench.data.errors import DatasetError
 from bobench.data.manifest import IMAGE_EXTENSIONS, FileItems
-from bobench.data.retrieval_readers import _items, _require_files, _root
+from bobench.data.retrieval_readers import file_items, require_files, split_root
 from bobench.data.spec import DatasetSpec
 
 # ---------------------------------------------------------------------------------------------- GLDv2
@@ -97,7 +97,7 @@ def read_gldv2(spec: DatasetSpec, split: str) -> FileItems:
             is not in ``test.csv`` or whose relevant image is not in ``index.csv``, a missing image, no
             query for the chosen usage, a bad ``usage``, or split ``"val"``.
     """
-    root = _root(spec, split)
+    root = split_root(spec, split)
     usage = (spec.option("usage", "private") or "").lower()
     if usage not in _GLDV2_USAGE:
         raise DatasetError(
@@ -107,10 +107,10 @@ def read_gldv2(spec: DatasetSpec, split: str) -> FileItems:
     index_ids = _gldv2_ids(index_csv)
     if split == "train":
         paths = _gldv2_paths("index", index_ids)
-        _require_files(
+        require_files(
             root, paths, f"the GLDv2 layout is {root}/index/a/b/c/<id>.jpg for every id in {index_csv}"
         )
-        return _items(root, paths, [0] * len(paths), ["gldv2"], extras={"protocol": "gldv2"})
+        return file_items(root, paths, [0] * len(paths), ["gldv2"], extras={"protocol": "gldv2"})
 
     position = {image_id: i for i, image_id in enumerate(index_ids)}
     test_csv, solution = os.path.join(root, "test.csv"), os.path.join(root, _GLDV2_SOLUTION)
@@ -145,10 +145,10 @@ def read_gldv2(spec: DatasetSpec, split: str) -> FileItems:
     if not queries:
         raise DatasetError(f"{solution} has no {usage} query with a relevant index image; try usage=all.")
     paths = _gldv2_paths("test", queries)
-    _require_files(root, paths, f"the GLDv2 layout is {root}/test/a/b/c/<id>.jpg for every query id")
+    require_files(root, paths, f"the GLDv2 layout is {root}/test/a/b/c/<id>.jpg for every query id")
     gt = [{"easy": relevant[q], "hard": [], "junk": []} for q in queries]
     extras = {"protocol": "gldv2", "usage": usage, "retrieval_gt": gt}
-    return _items(root, paths, [0] * len(paths), ["gldv2"], extras=extras)
+    return file_items(root, paths, [0] * len(paths), ["gldv2"], extras=extras)
 
 
 # ------------------------------------------------------------------------------------------- Copydays
@@ -197,7 +197,7 @@ def read_copydays(spec: DatasetSpec, split: str) -> FileItems:
         DatasetError: no originals, a chosen kind folder missing or empty, a name too short for a block
             id, a query whose block has no original, a bad ``queries``, or split ``"val"``.
     """
-    root = _root(spec, split)
+    root = split_root(spec, split)
     queries = (spec.option("queries", "all") or "").lower()
     if queries not in (*_COPYDAYS_KINDS, "all"):
         raise DatasetError(
@@ -214,7 +214,9 @@ def read_copydays(spec: DatasetSpec, split: str) -> FileItems:
     index = {block: i for i, block in enumerate(classes)}
     extras = {"protocol": "copydays"}
     if split == "train":
-        return _items(root, originals, [index[_block(p, root)] for p in originals], classes, extras=extras)
+        return file_items(
+            root, originals, [index[_block(p, root)] for p in originals], classes, extras=extras
+        )
     paths: list[str] = []
     for kind in _COPYDAYS_KINDS if queries == "all" else (queries,):
         found = _images_below(root, kind)
@@ -233,4 +235,4 @@ def read_copydays(spec: DatasetSpec, split: str) -> FileItems:
                 f"{os.path.join(root, 'original')} has; restore that original or remove the query."
             )
         labels.append(index[block])
-    return _items(root, paths, labels, classes, extras=extras)
+    return file_items(root, paths, labels, classes, extras=extras)

@@ -15,7 +15,13 @@ import numpy as np
 
 from bobench.data.errors import DatasetError
 from bobench.data.manifest import FileItems
-from bobench.data.ood_readers import _images, _root, _subdirs, _test_only, imagenet_wnids
+from bobench.data.ood_readers import (
+    dataset_root,
+    imagenet_wnids,
+    list_images,
+    list_subdirs,
+    require_test_split,
+)
 from bobench.data.spec import DatasetSpec
 
 _OBJECTNET_FILES = {
@@ -123,9 +129,9 @@ def read_objectnet(spec: DatasetSpec, split: str) -> FileItems:
             absent from ``folder_to_objectnet_label.json``, or an ImageNet name that is unknown or
             names two classes.
     """
-    _test_only(spec, split, "ObjectNet")
+    require_test_split(spec, split, "ObjectNet")
     layout = f"{spec.path}/images/<folder>/*.png and {spec.path}/mappings/"
-    root = _root(spec, layout, lambda d: d in ("images", "mappings"), ("objectnet-1.0",))
+    root = dataset_root(spec, layout, lambda d: d in ("images", "mappings"), ("objectnet-1.0",))
     images_dir, mappings = os.path.join(root, "images"), os.path.join(root, "mappings")
     if not os.path.isdir(images_dir) or not os.path.isdir(mappings):
         raise DatasetError(f"{root} is not an ObjectNet release: expected {layout}.")
@@ -137,7 +143,7 @@ def read_objectnet(spec: DatasetSpec, split: str) -> FileItems:
     position = {w: i for i, w in enumerate(wnids)}
 
     to_imagenet: dict[str, list[str]] = {}
-    for folder in _subdirs(images_dir):
+    for folder in list_subdirs(images_dir):
         if folder not in folder_label:
             raise DatasetError(
                 f"image folder {os.path.join(images_dir, folder)} is not in folder_to_objectnet_label.json"
@@ -165,7 +171,7 @@ def read_objectnet(spec: DatasetSpec, split: str) -> FileItems:
     labels: list[int] = []
     for folder, mapped in to_imagenet.items():
         label_sets.setdefault(mapped[0], set()).update(mapped)
-        found = _images(os.path.join(images_dir, folder), f"images/{folder}/")
+        found = list_images(os.path.join(images_dir, folder), f"images/{folder}/")
         paths += found
         labels += [index[mapped[0]]] * len(found)
     sizes = np.array([_image_size(os.path.join(root, p)) for p in paths], dtype=np.float64).reshape(-1, 2)

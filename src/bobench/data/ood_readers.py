@@ -68,7 +68,8 @@ def imagenet_r_wnids() -> tuple[str, ...]:
 # -------------------------------------------------------------------------------------------- helpers
 
 
-def _test_only(spec: DatasetSpec, split: str, what: str) -> None:
+def require_test_split(spec: DatasetSpec, split: str, what: str) -> None:
+    """Raise a :class:`DatasetError` unless ``split`` is ``"test"`` (``what`` names the set)."""
     if split != "test":
         raise DatasetError(
             f"{what} ({spec.path}) is a test-only OOD set and has no {split!r} split; load split='test' "
@@ -76,7 +77,8 @@ def _test_only(spec: DatasetSpec, split: str, what: str) -> None:
         )
 
 
-def _subdirs(folder: str) -> list[str]:
+def list_subdirs(folder: str) -> list[str]:
+    """Sorted names of the non-hidden folders directly inside ``folder``."""
     try:
         with os.scandir(folder) as it:
             return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
@@ -84,7 +86,7 @@ def _subdirs(folder: str) -> list[str]:
         raise DatasetError(f"cannot list folder {folder} ({exc.strerror}); check the path.") from exc
 
 
-def _images(folder: str, prefix: str) -> list[str]:
+def list_images(folder: str, prefix: str) -> list[str]:
     """Sorted ``prefix + name`` of the image files directly inside ``folder``."""
     try:
         with os.scandir(folder) as it:
@@ -94,12 +96,14 @@ def _images(folder: str, prefix: str) -> list[str]:
     return [prefix + n for n in sorted(names) if not n.startswith(".")]
 
 
-def _root(spec: DatasetSpec, layout: str, is_class: Callable[[str], bool], wrappers: tuple[str, ...]) -> str:
+def dataset_root(
+    spec: DatasetSpec, layout: str, is_class: Callable[[str], bool], wrappers: tuple[str, ...]
+) -> str:
     """``spec.path``, or its one wrapper folder (``sketch/``) when the class folders live in there."""
     root = os.fspath(spec.path or "")
     if not os.path.isdir(root):
         raise DatasetError(f"dataset folder {root} does not exist or is not a folder; expected {layout}.")
-    subdirs = _subdirs(root)
+    subdirs = list_subdirs(root)
     inner = [d for d in subdirs if d in wrappers]
     if len(inner) == 1 and not any(map(is_class, subdirs)):
         return os.path.join(root, inner[0])
@@ -108,7 +112,7 @@ def _root(spec: DatasetSpec, layout: str, is_class: Callable[[str], bool], wrapp
 
 def _scan_classes(root: str, label_of: dict[str, int], layout: str) -> tuple[list[str], np.ndarray]:
     """Every image of ``root/<folder>/``, labelled ``label_of[folder]``; other folders are errors."""
-    folders = _subdirs(root)
+    folders = list_subdirs(root)
     if not folders:
         raise DatasetError(f"dataset folder {root} has no class folders; expected {layout}.")
     stray = [f for f in folders if f not in label_of]
@@ -120,7 +124,7 @@ def _scan_classes(root: str, label_of: dict[str, int], layout: str) -> tuple[lis
     paths: list[str] = []
     labels: list[int] = []
     for folder in folders:
-        found = _images(os.path.join(root, folder), f"{folder}/")
+        found = list_images(os.path.join(root, folder), f"{folder}/")
         if not found:
             raise DatasetError(
                 f"class folder {os.path.join(root, folder)} holds no images (looked for "
@@ -142,10 +146,10 @@ def _fixed_classes(spec: DatasetSpec, classes: tuple[str, ...]) -> list[str]:
 def _wnid_folders(
     spec: DatasetSpec, split: str, what: str, wnids: tuple[str, ...], wrapper: str
 ) -> FileItems:
-    _test_only(spec, split, what)
+    require_test_split(spec, split, what)
     layout = f"{spec.path}/<wnid>/<image> with the {len(wnids)} {what} wnid folders"
     index = {w: i for i, w in enumerate(wnids)}
-    root = _root(spec, layout, index.__contains__, (wrapper,))
+    root = dataset_root(spec, layout, index.__contains__, (wrapper,))
     paths, labels = _scan_classes(root, index, layout)
     return FileItems(root, paths, labels, _fixed_classes(spec, wnids), split_params=None)
 
@@ -161,15 +165,15 @@ def read_imagenet_v2(spec: DatasetSpec, split: str) -> FileItems:
     its wnid. ``<path>`` is that folder, or its parent when it holds exactly one such folder.
     Classes: the 1000 ImageNet wnids in standard order. Test split only.
     """
-    _test_only(spec, split, "ImageNetV2")
+    require_test_split(spec, split, "ImageNetV2")
     wnids = imagenet_wnids()
     layout = f"{spec.path}/<class index 0..999>/<image> (e.g. imagenetv2-matched-frequency-format-val/)"
     root = os.fspath(spec.path or "")
     if not os.path.isdir(root):
         raise DatasetError(f"dataset folder {root} does not exist or is not a folder; expected {layout}.")
-    subdirs = _subdirs(root)
+    subdirs = list_subdirs(root)
     if not any(d.isdigit() for d in subdirs):
-        inner = [d for d in subdirs if any(s.isdigit() for s in _subdirs(os.path.join(root, d)))]
+        inner = [d for d in subdirs if any(s.isdigit() for s in list_subdirs(os.path.join(root, d)))]
         if len(inner) != 1:
             found = f"it holds several ({', '.join(inner)}); pick one" if inner else "none found"
             raise DatasetError(
@@ -178,7 +182,7 @@ def read_imagenet_v2(spec: DatasetSpec, split: str) -> FileItems:
             )
         root = os.path.join(root, inner[0])
     # "7" and "007" both name class 7; anything else (not a number, >= 1000) is a stray folder.
-    label_of = {d: int(d) for d in _subdirs(root) if d.isdigit() and int(d) < len(wnids)}
+    label_of = {d: int(d) for d in list_subdirs(root) if d.isdigit() and int(d) < len(wnids)}
     paths, labels = _scan_classes(root, label_of, layout)
     return FileItems(root, paths, labels, _fixed_classes(spec, wnids), split_params=None)
 

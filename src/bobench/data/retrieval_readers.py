@@ -32,7 +32,12 @@ _GT_KEYS = ("easy", "hard", "junk")
 
 
 # --------------------------------------------------------------------------------------------- shared
-def _root(spec: DatasetSpec, split: str) -> str:
+def split_root(spec: DatasetSpec, split: str) -> str:
+    """``spec.path`` after checking it is a folder and ``split`` is ``"train"`` (gallery) or ``"test"``.
+
+    Raises:
+        DatasetError: the folder is missing or the split is neither, saying which are allowed.
+    """
     root = os.fspath(spec.path or "")
     if not os.path.isdir(root):
         raise DatasetError(
@@ -54,7 +59,7 @@ def _listing(folder: str) -> set[str]:
         return set()
 
 
-def _require_files(root: str, paths: Sequence[str], layout: str) -> None:
+def require_files(root: str, paths: Sequence[str], layout: str) -> None:
     """Raise a :class:`DatasetError` naming the first of ``paths`` (relative to ``root``) that is missing."""
     listings: dict[str, set[str]] = {}
     missing: list[str] = []
@@ -74,7 +79,10 @@ def _require_files(root: str, paths: Sequence[str], layout: str) -> None:
         )
 
 
-def _items(root: str, paths: list[str], labels: Sequence[int], classes: list[str], **kw: Any) -> FileItems:
+def file_items(
+    root: str, paths: list[str], labels: Sequence[int], classes: list[str], **kw: Any
+) -> FileItems:
+    """The :class:`FileItems` of a retrieval split (no seeded split); ``kw`` goes to ``FileItems``."""
     return FileItems(root, paths, np.asarray(labels, dtype=np.int64), classes, split_params=None, **kw)
 
 
@@ -218,7 +226,7 @@ def read_revisitop(spec: DatasetSpec, split: str) -> FileItems:
         DatasetError: a missing, ambiguous, unreadable or malformed gnd file (naming the key or index), a
             refused pickle global, a missing image, or split ``"val"``.
     """
-    root = _root(spec, split)
+    root = split_root(spec, split)
     name = _revisitop_name(spec, root)
     path = os.path.join(root, f"gnd_{name}.pkl")
     data = _load_gnd(path)
@@ -237,10 +245,10 @@ def read_revisitop(spec: DatasetSpec, split: str) -> FileItems:
     entries = [_gnd_entry(g, i, qimlist[i], len(imlist), path) for i, g in enumerate(gnd)]
     names = imlist if split == "train" else qimlist
     paths = [f"jpg/{n}.jpg" for n in names]
-    _require_files(root, paths, f"the revisitop layout is {root}/jpg/<name>.jpg for every name in {path}")
+    require_files(root, paths, f"the revisitop layout is {root}/jpg/<name>.jpg for every name in {path}")
     extras: dict[str, Any] = {"protocol": "revisitop", "dataset": name}
     if split == "train":
-        return _items(root, paths, [0] * len(paths), ["revisitop"], extras=extras)
+        return file_items(root, paths, [0] * len(paths), ["revisitop"], extras=extras)
     extras["retrieval_gt"] = [gt for _, gt in entries]
     boxes = np.array([bbx for bbx, _ in entries], dtype=np.float64).reshape(-1, 4)
-    return _items(root, paths, [0] * len(paths), ["revisitop"], boxes=boxes, extras=extras)
+    return file_items(root, paths, [0] * len(paths), ["revisitop"], boxes=boxes, extras=extras)
