@@ -154,6 +154,12 @@ class Backbone(nn.Module):
         """
         return sd
 
+    def layer_ids(self) -> dict[str, int] | None:
+        """Layer id (0 = stem, growing toward the output) of each ``self.model`` parameter, for layer-wise
+        lr decay, where this adapter knows better than :func:`bobench.backbones.layers.layer_ids`' rules
+        (timm's ``group_matcher``, else the generic block map). Default: None, use those rules."""
+        return None
+
     # -- preprocessing ---------------------------------------------------------------------------
     @property
     def embed_dim(self) -> int:
