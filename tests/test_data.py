@@ -390,6 +390,27 @@ def test_manifest_hash_embedded() -> None:
     assert a.manifest_hash == b.manifest_hash != load_dataset("digits", "val").manifest_hash
 
 
+def test_single_label_manifest_hashes_are_unchanged_by_multilabel_support(tmp_path: Path) -> None:
+    # Computed before multi-label targets existed: feature caches keyed by them must stay valid.
+    assert load_dataset("digits", "train").manifest_hash == (
+        "d68bb23d6b272d3dc6a94bf023150ead85b3b64be07decb710ff5187f4bc1014"
+    )
+    assert load_dataset("patches13", "val").manifest_hash == (
+        "660f79da39cb873dd243226e9cde2b8455612634063801e5cda6531f383be611"
+    )
+    # A file dataset whose items have fixed bytes and mtimes (nothing is decoded to hash it).
+    lines = ["path,label,split"]
+    for i in range(6):
+        (tmp_path / "img").mkdir(exist_ok=True)
+        (tmp_path / f"img/{i}.png").write_bytes(bytes([i]) * (10 + i))
+        os.utime(tmp_path / f"img/{i}.png", ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000 + i))
+        lines.append(f"img/{i}.png,{'ab'[i % 2]},{('train', 'test')[i // 3]}")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    assert load_dataset(f"csv:{tmp_path / 'm.csv'}", "train").manifest_hash == (
+        "e4f57b78919a58c48875bc37b7545b54773a864bc24bb7079f1128c0fd1edd7d"
+    )
+
+
 # --------------------------------------------------------------------------------------------- errors
 
 

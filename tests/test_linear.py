@@ -239,3 +239,94 @@ def test_real_feature_files(tmp_path) -> None:
     # Same chunks (multiples of batch_size, across the 256-row shard files): the very same numbers.
     _same(streamed, in_memory, atol=0)
     assert {m.name: m.value for m in in_memory.metrics}["top1"] > 0.5  # random-init features work on digits
+
+
+# ------------------------------------------------------------------------------------------ multi-label
+
+N_LABELS = 4
+
+
+def _multilabel(n: int, seed: int, d: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Raw features with uneven offsets and scales; each label drawn from its own logistic model."""
+    layout = np.random.default_rng(4321)
+    W, b = layout.normal(size=(N_LABELS, d)), layout.normal(size=N_LABELS) - 0.5
+    scales, offsets = layout.lognormal(0, 1, d), layout.normal(size=d) * 3
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, d))
+    p = 1 / (1 + np.exp(-(z @ W.T * 2 / np.sqrt(d) + b)))
+    return (z * scales + offsets).astype(np.float32), (rng.random((n, N_LABELS)) < p).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def multilabel() -> ProbeData:
+    (xtr, ytr), (xva, yva), (xte, yte) = _multilabel(400, 1), _multilabel(200, 2), _multilabel(200, 3)
+    return ProbeData(
+        ArrayFeatures(xtr, ytr), ArrayFeatures(xte, yte), ArrayFeatures(xva, yva), N_LABELS, list("abcd")
+    )
+
+
+@pytest.mark.parametrize("C", [1e-2, 1.0])
+def test_multilabel_probe_is_sklearn_binary_logistic_regression_per_label(
+    multilabel: ProbeData, C: float
+) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    model = linear.fit_path(multilabel.train, [C], N_LABELS, **TIGHT)[0]
+    assert model.multilabel and model.weight.shape == (N_LABELS, 32)
+    ztr, zte = _standardised(multilabel)
+    probs = linear.predict_proba(model, multilabel.test.X)
+    assert probs.shape == (multilabel.test.n, N_LABELS)
+    for j in range(N_LABELS):
+        ref = LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(ztr, multilabel.train.y[:, j])
+        ref_p = ref.predict_proba(zte)[:, 1]
+        assert np.abs(probs[:, j] - ref_p).max() < 1e-4
+        y = multilabel.test.y[:, j]
+        assert roc_auc_score(y, probs[:, j]) == pytest.approx(roc_auc_score(y, ref_p), abs=1e-3)
+
+
+def test_multilabel_run_selects_on_val_mean_auroc_and_scores_with_sklearn(multilabel: ProbeData) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    res = linear.run(multilabel, {}, seed=0)
+    info, got = res.info, {m.name: m.value for m in res.metrics}
+    assert info["selection"] == "val" and len(info["val_mean_auroc"]) == 10 and "temperature" not in info
+    assert info["C"] == info["Cs"][int(np.argmax(info["val_mean_auroc"]))]
+    assert list(got) == ["mean_auroc", "mean_ap", *(f"auroc@label={n}" for n in "abcd")]
+    pred = res.predictions
+    assert set(pred) == {"index", "label_name", "label", "score", "pred", "setting"}
+    assert all(len(v) == multilabel.test.n * N_LABELS for v in pred.values())
+    scores = pred["score"].reshape(-1, N_LABELS)  # one row per sample per label, sample-major
+    np.testing.assert_array_equal(pred["label"].reshape(-1, N_LABELS), multilabel.test.y)
+    assert list(pred["label_name"][:N_LABELS]) == list("abcd") and pred["index"][N_LABELS] == 1
+    ref = [roc_auc_score(multilabel.test.y[:, j], scores[:, j]) for j in range(N_LABELS)]
+    assert [got[f"auroc@label={n}"] for n in "abcd"] == pytest.approx(ref, abs=1e-9)
+    assert got["mean_auroc"] == pytest.approx(np.mean(ref)) and 0.7 < got["mean_auroc"] < 0.99
+    # the same C refitted by sklearn, label by label, scores the same AUROC
+    ztr, zte = _standardised(multilabel)
+    sk = [
+        roc_auc_score(
+            multilabel.test.y[:, j],
+            LogisticRegression(C=info["C"], tol=1e-10, max_iter=10_000)
+            .fit(ztr, multilabel.train.y[:, j])
+            .decision_function(zte),
+        )
+        for j in range(N_LABELS)
+    ]
+    assert got["mean_auroc"] == pytest.approx(np.mean(sk), abs=2e-3)
+
+
+def test_multilabel_kfold_and_metric_kinds(multilabel: ProbeData, blobs: ProbeData) -> None:
+    data = ProbeData(multilabel.train, multilabel.test, None, N_LABELS, list("abcd"))
+    res = linear.run(data, {"num_C": 4, "metrics": ["mean_auroc"]}, seed=0)
+    assert res.info["selection"] == "kfold" and [m.name for m in res.metrics][:2] == [
+        "mean_auroc",
+        "auroc@label=a",
+    ]
+    assert res.info["C"] == res.info["Cs"][int(np.argmax(res.info["val_mean_auroc"]))]
+    with pytest.raises(ValueError, match=r"\['top1'\] do not apply to these multi-label targets"):
+        linear.run(data, {"metrics": ["top1"]}, seed=0)
+    with pytest.raises(ValueError, match=r"\['mean_auroc'\] do not apply to these single-label targets"):
+        linear.run(blobs, {"metrics": ["mean_auroc"]}, seed=0)
+    bad = ProbeData(multilabel.train, ArrayFeatures(multilabel.test.X, multilabel.test.y * 2), None, N_LABELS)
+    with pytest.raises(ValueError, match=r"test labels must be \[N, 4\] zeros and ones"):
+        linear.run(bad, {}, seed=0)

@@ -126,3 +126,50 @@ def test_bad_inputs() -> None:
         metrics.top1(PROBS, np.array([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="at least one"):
         metrics.top1(np.zeros((0, 3)), np.zeros(0, dtype=int))
+
+
+# ------------------------------------------------------------------------------------------ multi-label
+
+
+def test_multilabel_metrics_match_sklearn_and_skip_undefined_labels() -> None:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    targets = (rng.random((50, 4)) < 0.4).astype(int)
+    targets[:, 3] = 1  # one class only: AUROC undefined, AP defined (= 1)
+    scores = targets + rng.normal(size=(50, 4))
+    out = metrics.multilabel_metrics(scores, targets, ["w", "x", "y", "z"])
+    got = {m.name: m.value for m in out}
+    ref = [roc_auc_score(targets[:, j], scores[:, j]) for j in range(3)]
+    assert [m.name for m in out] == [
+        "mean_auroc",
+        "mean_ap",
+        "auroc@label=w",
+        "auroc@label=x",
+        "auroc@label=y",
+    ]
+    assert got["mean_auroc"] == pytest.approx(np.mean(ref))
+    assert [got[f"auroc@label={n}"] for n in "wxy"] == pytest.approx(ref)
+    assert got["mean_ap"] == pytest.approx(
+        np.mean([average_precision_score(targets[:, j], scores[:, j]) for j in range(4)])
+    )
+    assert all(m.higher_is_better and np.isfinite(m.value) for m in out)
+    assert metrics.undefined_labels(targets, list("wxyz")) == {"auroc": ["z"], "ap": []}
+    # auroc is rank-based: logits and their sigmoid score the same
+    sig = metrics.multilabel_metrics(1 / (1 + np.exp(-scores)), targets, list("wxyz"), ["mean_auroc"])
+    assert sig[0].value == pytest.approx(got["mean_auroc"])
+
+
+def test_multilabel_metric_errors() -> None:
+    t = np.array([[1, 0], [0, 1]])
+    with pytest.raises(ValueError, match=r"undefined for every label"):
+        metrics.multilabel_metrics(np.zeros((2, 2)), np.ones((2, 2), dtype=int), ["a", "b"])
+    with pytest.raises(ValueError, match=r"\['top1'\] score single-label classes"):
+        metrics.multilabel_metrics(np.zeros((2, 2)), t, ["a", "b"], ["top1"])
+    with pytest.raises(ValueError, match=r"\['mean_auroc'\] score multi-label targets"):
+        classification_metrics(PROBS, LABELS, ["top1", "mean_auroc"])
+    with pytest.raises(ValueError, match="0 or 1"):
+        metrics.multilabel_metrics(np.zeros((2, 2)), t * 2, ["a", "b"])
+    with pytest.raises(ValueError, match="1 label names for 2"):
+        metrics.multilabel_metrics(np.zeros((2, 2)), t, ["a"])
+    assert metrics.check_metric_names(["mean_auroc", "mean_ap"]) == ["mean_auroc", "mean_ap"]

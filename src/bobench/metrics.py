@@ -9,6 +9,10 @@ The ``*_ts`` metrics (``ece_ts``, ``ece_em_ts``, ``nll_ts``) are their base metr
 temperature-scaled probabilities (:mod:`bobench.calibration`); only a protocol that fits a temperature
 (linear, ood) can report them, passing those probabilities as ``probs_ts``.
 
+Multi-label metrics (:func:`multilabel_metrics`: ``mean_auroc``, ``mean_ap`` and ``auroc@label=<name>``)
+take ``scores [N, L]`` (any monotone score per label: logits or probabilities) and 0/1 ``targets
+[N, L]``; they are computed by scikit-learn (imported only then), label by label.
+
 Ties: the predicted class is ``argmax`` (the lowest class index among equal probabilities), and top-k
 ranks classes by ``(-prob, class index)``, so ``top_k(k=1) == top1`` always.
 
@@ -27,21 +31,9 @@ import numpy as np
 
 from bobench.registry import suggest
 
-__all__ = [
-    "DEFAULT",
-    "METRICS",
-    "Metric",
-    "MetricDef",
-    "balanced_acc",
-    "check_metric_names",
-    "classification_metrics",
-    "ece",
-    "ece_em",
-    "nll",
-    "top1",
-    "top5",
-    "top_k",
-]
+__all__ = ["DEFAULT", "METRICS", "MULTILABEL_DEFAULT", "Metric", "MetricDef", "balanced_acc"]
+__all__ += ["check_metric_names", "classification_metrics", "ece", "ece_em", "mean_ap", "mean_auroc"]
+__all__ += ["multilabel_metrics", "nll", "top1", "top5", "top_k", "undefined_labels"]
 
 NLL_EPS = 1e-12  # probabilities are clipped here before the log, so one sure mistake costs 27.6 nats
 ECE_BINS = 15  # Guo et al. (2017), "On Calibration of Modern Neural Networks"
@@ -154,6 +146,71 @@ def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(p_true, NLL_EPS, 1.0))))
 
 
+def _check_multilabel(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets)
+    if scores.ndim != 2 or scores.shape != targets.shape or len(scores) == 0:
+        raise ValueError(
+            f"multi-label metrics need scores [N, L] and targets [N, L], N > 0; got {scores.shape} and "
+            f"{targets.shape}"
+        )
+    if not np.isin(targets, (0, 1)).all():
+        raise ValueError("multi-label targets must be 0 or 1")
+    if not np.isfinite(scores).all():
+        raise ValueError("multi-label scores must be finite")
+    return scores, targets.astype(np.int64, copy=False)
+
+
+_NEEDS = {"auroc": "a positive and a negative", "ap": "a positive"}  # for a defined AUROC / AP
+
+
+def _defined(targets: np.ndarray, kind: str) -> np.ndarray:
+    """``[L]`` bool: the label's AUROC (``kind="auroc"``) or average precision (``"ap"``) is defined."""
+    positives = np.asarray(targets).sum(axis=0)
+    return (positives > 0) & (positives < len(targets)) if kind == "auroc" else positives > 0
+
+
+def _per_label(scores: np.ndarray, targets: np.ndarray, kind: str) -> np.ndarray:
+    """``[L]`` float64 ROC AUC (``kind="auroc"``) or average precision (``"ap"``); NaN where undefined."""
+    from sklearn.metrics import average_precision_score, roc_auc_score  # only multi-label tasks pay
+
+    scores, targets = _check_multilabel(scores, targets)
+    fn = roc_auc_score if kind == "auroc" else average_precision_score
+    out = np.full(targets.shape[1], np.nan)
+    for j in np.flatnonzero(_defined(targets, kind)):
+        out[j] = fn(targets[:, j], scores[:, j])
+    return out
+
+
+def _mean(scores: np.ndarray, targets: np.ndarray, kind: str) -> float:
+    values = _per_label(scores, targets, kind)
+    if np.isnan(values).all():
+        raise ValueError(
+            f"{kind} is undefined for every label: each needs {_NEEDS[kind]} among the targets scored; "
+            "score on a larger split"
+        )
+    return float(np.nanmean(values))
+
+
+def mean_auroc(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean over labels of ``sklearn.metrics.roc_auc_score``, leaving out labels whose targets hold one
+    class only (undefined; :func:`undefined_labels` names them). ValueError if no label has both."""
+    return _mean(scores, targets, "auroc")
+
+
+def mean_ap(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean over labels of ``sklearn.metrics.average_precision_score``, leaving out labels without a
+    positive target (undefined). ValueError if no label has one."""
+    return _mean(scores, targets, "ap")
+
+
+def undefined_labels(targets: np.ndarray, names: Sequence[str]) -> dict[str, list[str]]:
+    """The labels left out of the means: ``{"auroc": [one class only], "ap": [no positive]}``."""
+    return {
+        kind: [n for n, ok in zip(names, _defined(targets, kind), strict=True) if not ok] for kind in _NEEDS
+    }
+
+
 @dataclass(frozen=True)
 class Metric:
     """One score of a cell, and which way is better (what protocols return and the store records)."""
@@ -168,17 +225,19 @@ class MetricDef:
     """A registered metric.
 
     Attributes:
-        fn: ``fn(probs [N, C], labels [N]) -> float``.
+        fn: ``fn(probs [N, C], labels [N]) -> float``; multi-label: ``fn(scores [N, L], targets [N, L])``.
         higher_is_better: the direction recorded with every score.
         description: one line for listings and reports.
         temperature_scaled: ``fn`` is applied to temperature-scaled probabilities (``probs_ts`` of
             :func:`classification_metrics`), not to the raw ones.
+        multilabel: ``fn`` scores multi-label targets (:func:`multilabel_metrics`), not classes.
     """
 
     fn: Callable[[np.ndarray, np.ndarray], float]
     higher_is_better: bool
     description: str
     temperature_scaled: bool = False
+    multilabel: bool = False
 
 
 #: Stable metric name → definition. Names are stored in the results table: never rename one.
@@ -197,10 +256,25 @@ METRICS: dict[str, MetricDef] = {
         ece_em, False, "ece_em (15 equal-mass bins) after temperature scaling fitted on held-out data", True
     ),
     "nll_ts": MetricDef(nll, False, "nll (nats) after temperature scaling fitted on held-out data", True),
+    # multi-label (per label, then averaged); multilabel_metrics adds auroc@label=<name> per label
+    "mean_auroc": MetricDef(
+        mean_auroc,
+        True,
+        "mean over labels of the ROC AUC (labels with one class in the targets left out)",
+        multilabel=True,
+    ),
+    "mean_ap": MetricDef(
+        mean_ap,
+        True,
+        "mean over labels of the average precision (labels without a positive left out)",
+        multilabel=True,
+    ),
 }
 
 #: What a classification protocol reports unless its task asks for other metrics.
 DEFAULT: tuple[str, ...] = ("top1", "top5", "balanced_acc", "ece", "nll")
+#: What a multi-label protocol reports (plus ``auroc@label=<name>`` per label) unless asked otherwise.
+MULTILABEL_DEFAULT: tuple[str, ...] = ("mean_auroc", "mean_ap")
 
 
 def check_metric_names(names: Sequence[str]) -> list[str]:
@@ -246,6 +320,12 @@ def classification_metrics(
             metric without ``probs_ts`` (a protocol that fits no temperature cannot report it).
     """
     names = check_metric_names(names)
+    multi = [name for name in names if METRICS[name].multilabel]
+    if multi:
+        raise ValueError(
+            f"metric(s) {multi} score multi-label targets [N, L]; these labels are single-label classes: "
+            f"use {', '.join(n for n in DEFAULT)}"
+        )
     probs, labels = _check(probs, labels)
     scaled = [name for name in names if METRICS[name].temperature_scaled]
     if scaled and probs_ts is None:
@@ -262,4 +342,58 @@ def classification_metrics(
         out.append(
             Metric(name, d.fn(probs_ts if d.temperature_scaled else probs, labels), d.higher_is_better)
         )
+    return out
+
+
+def multilabel_metrics(
+    scores: np.ndarray,
+    targets: np.ndarray,
+    names: Sequence[str],
+    metrics: Sequence[str] = MULTILABEL_DEFAULT,
+    *,
+    per_label: bool = True,
+) -> list[Metric]:
+    """Score a multi-label prediction: each metric in ``metrics``, then ``auroc@label=<name>`` per label.
+
+    A label whose test targets hold one class only has no ROC AUC: it gets no ``auroc@label`` row and is
+    left out of ``mean_auroc`` (likewise a label without a positive for ``mean_ap``); never a NaN, which
+    the store refuses. :func:`undefined_labels` says which labels were left out.
+
+    Args:
+        scores: ``[N, L]`` scores, higher meaning more likely positive (logits or probabilities).
+        targets: ``[N, L]`` 0/1 targets.
+        names: the ``L`` label names, in column order.
+        metrics: registered multi-label metric names (``mean_auroc``, ``mean_ap``), in output order.
+        per_label: also return ``auroc@label=<name>`` (higher is better) for every defined label.
+
+    Returns:
+        :class:`Metric` rows: ``metrics`` in order, then the per-label AUROCs in label order.
+
+    Raises:
+        ValueError: malformed inputs, a name that is not a multi-label metric, ``len(names) != L``, or a
+            mean undefined for every label.
+
+    Example:
+        >>> t = np.array([[1, 0], [0, 0], [1, 1], [0, 1]])
+        >>> [(m.name, m.value) for m in multilabel_metrics(t * 2.0 - 1, t, ["a", "b"])][:3]
+        [('mean_auroc', 1.0), ('mean_ap', 1.0), ('auroc@label=a', 1.0)]
+    """
+    metrics = check_metric_names(metrics)
+    single = [name for name in metrics if not METRICS[name].multilabel]
+    if single:
+        raise ValueError(
+            f"metric(s) {single} score single-label classes; multi-label targets take "
+            f"{', '.join(n for n, d in METRICS.items() if d.multilabel)}"
+        )
+    scores, targets = _check_multilabel(scores, targets)
+    if len(names) != targets.shape[1]:
+        raise ValueError(f"{len(names)} label names for {targets.shape[1]} target columns")
+    out = [
+        Metric(name, METRICS[name].fn(scores, targets), METRICS[name].higher_is_better) for name in metrics
+    ]
+    if per_label:
+        auroc = _per_label(scores, targets, "auroc")  # NaN where undefined: those get no row
+        out += [
+            Metric(f"auroc@label={n}", float(auroc[j]), True) for j, n in enumerate(names) if auroc[j] >= 0
+        ]
     return out

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -64,7 +65,8 @@ class ArraySource:
 
 
 class ImageDataset(Dataset):
-    """One split of a dataset: ``dataset[i] -> (transform(image) or PIL RGB image, int label)``.
+    """One split of a dataset: ``dataset[i] -> (transform(image) or PIL RGB image, int label)``, or for
+    a multi-label dataset ``(image, float32 tensor [L] of 0/1)`` (what ``BCEWithLogitsLoss`` takes).
 
     Build it with :func:`bobench.data.load_dataset`, not directly. It holds no decoded images (only
     paths, or the small embedded arrays), so it pickles cheaply into DataLoader workers.
@@ -72,8 +74,10 @@ class ImageDataset(Dataset):
     Attributes:
         spec: the :class:`DatasetSpec` it was loaded from.
         split: ``"train"``, ``"val"`` or ``"test"``.
-        classes: class names; ``targets`` index into it.
-        targets: ``[N]`` int64 labels, in dataset order.
+        classes: class names; ``targets`` index into it. Multi-label: the ``L`` label names, in
+            target-column order.
+        targets: ``[N]`` int64 labels, in dataset order; multi-label: ``[N, L]`` int64 0/1.
+        multilabel: True when ``targets`` is ``[N, L]`` (e.g. CheXpert's 5 findings).
         manifest_hash: sha256 hex of the items, labels, class names, split and split parameters (see
             :func:`bobench.data.load_dataset` for exactly what is covered).
         skipped: ``(item, reason)`` for each image dropped by ``skip_bad_images``.
@@ -110,6 +114,11 @@ class ImageDataset(Dataset):
         self._source = source
 
     @property
+    def multilabel(self) -> bool:
+        """True when every image has a 0/1 target per label (``targets`` ``[N, L]``)."""
+        return self.targets.ndim == 2
+
+    @property
     def n_skipped(self) -> int:
         """How many unreadable images ``skip_bad_images`` dropped."""
         return len(self.skipped)
@@ -141,14 +150,16 @@ class ImageDataset(Dataset):
         """A stable identifier of item ``i``: its path relative to the root, or ``name:index``."""
         return self._source.item_id(self._check(i))
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
+    def __getitem__(self, i: int) -> tuple[Any, int | torch.Tensor]:
         image = self.load_image(i)
         if self.transform is not None:
             image = self.transform(image)
+        if self.multilabel:
+            return image, torch.from_numpy(self.targets[i].astype(np.float32))
         return image, int(self.targets[i])
 
     def __repr__(self) -> str:
         return (
             f"ImageDataset({self.spec.kind}:{self.spec.name}, split={self.split!r}, n={len(self)}, "
-            f"classes={len(self.classes)}, skipped={self.n_skipped}, hash={self.manifest_hash[:12]})"
+            f"{'labels' if self.multilabel else 'classes'}={len(self.classes)}, skipped={self.n_skipped}, hash={self.manifest_hash[:12]})"
         )

@@ -11,7 +11,7 @@ import numpy as np
 
 from bobench.data.embedded import CATALOG, build_embedded
 from bobench.data.errors import DatasetError
-from bobench.data.manifest import FileItems, ManifestHasher
+from bobench.data.manifest import FileItems, ManifestHasher, label_key
 from bobench.data.spec import DatasetSpec
 from bobench.data.splits import SPLITS
 from bobench.registry import suggest
@@ -40,7 +40,8 @@ def load_dataset(
     No image is decoded here: files are listed and ``stat()``-ed once each (and header-checked with
     ``skip_bad_images``). The returned ``manifest_hash`` is a sha256 over the class names, the split
     name, the parameters of any seeded split that decided membership, and, for every item in dataset
-    order, its label and identity plus content fingerprint: for files, the path relative to the dataset
+    order, its label (for a multi-label dataset its 0/1 row, and the header says multi-label) and identity
+    plus content fingerprint: for files, the path relative to the dataset
     root (or CSV folder) with its size and ``mtime_ns`` (so hashing an ImageNet-size folder costs one
     ``stat()`` per file, and editing or touching an image changes the hash, while moving the root does
     not); for embedded data, the pixel bytes.
@@ -108,7 +109,11 @@ def _load_files(
     from bobench.data.dataset import FileSource, ImageDataset
     from bobench.data.images import check_image
 
-    hasher = ManifestHasher(spec.kind, split, items.classes, items.split_params)
+    targets = _check_targets(spec, items)
+    multilabel = targets.ndim == 2
+    # One digit string per row ("01001") for a multi-label dataset; single-label hashing is unchanged.
+    labels = [label_key(row) for row in targets.tolist()] if multilabel else targets
+    hasher = ManifestHasher(spec.kind, split, items.classes, items.split_params, multilabel=multilabel)
     keep: list[int] = []
     skipped: list[tuple[str, str]] = []
     for i, rel in enumerate(items.paths):
@@ -129,7 +134,7 @@ def _load_files(
             if reason is not None:
                 skipped.append((rel, reason))
                 continue
-        label = int(items.targets[i])
+        label = labels[i] if multilabel else int(labels[i])
         hasher.add_file(rel, info.st_size, info.st_mtime_ns, label)
         keep.append(i)
     index = np.array(keep, dtype=np.int64)
@@ -145,15 +150,30 @@ def _load_files(
     if items.extras:
         hasher.add_json("extras", items.extras)
     source = FileSource(items.root, [items.paths[i] for i in keep], boxes=boxes)
-    targets = items.targets[index]
     return ImageDataset(
         spec,
         split,
         items.classes,
-        targets,
+        targets[index],
         hasher.hexdigest(),
         source,
         skipped=skipped,
         transform=transform,
         extras=items.extras,
     )
+
+
+def _check_targets(spec: DatasetSpec, items: FileItems) -> np.ndarray:
+    """``items.targets`` as int64, after checking a multi-label matrix is ``[N, len(classes)]`` and 0/1."""
+    targets = np.asarray(items.targets, dtype=np.int64)
+    if targets.ndim == 2 and (targets.shape[1] != len(items.classes) or not np.isin(targets, (0, 1)).all()):
+        raise DatasetError(
+            f"{spec.kind} reader for {spec.path} returned multi-label targets {targets.shape} that are not "
+            f"[N, {len(items.classes)}] zeros and ones; the reader must map its labels to 0/1 per class."
+        )
+    if targets.ndim not in (1, 2) or len(targets) != len(items.paths):
+        raise DatasetError(
+            f"{spec.kind} reader for {spec.path} returned targets {targets.shape} for {len(items.paths)} "
+            "items; a reader returns [N] class indices or [N, L] 0/1 labels."
+        )
+    return targets

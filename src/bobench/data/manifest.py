@@ -21,8 +21,9 @@ class FileItems:
     Attributes:
         root: folder that relative paths resolve against.
         paths: POSIX paths in dataset order, relative to ``root`` (absolute only if a CSV says so).
-        targets: ``[N]`` int64 class indices.
-        classes: class names, in label-index order.
+        targets: ``[N]`` int64 class indices, or for a multi-label dataset ``[N, L]`` 0/1 (one column
+            per label, e.g. CheXpert's findings).
+        classes: class names, in label-index order (label names, in column order, when multi-label).
         split_params: the parameters of the seeded split that decided membership (hashed with the
             items), or ``None`` when folders or a CSV column define the split.
         manifest: the CSV file the items came from, for error messages; ``None`` for folders.
@@ -70,15 +71,30 @@ class PathTable:
         return self._data[self._offsets[i] : self._offsets[i + 1]].tobytes().decode("utf-8")
 
 
+def label_key(target: int | Sequence[int] | np.ndarray) -> int | str:
+    """How an item's label enters the hash: the class index, or a 0/1 row as a digit string (``"01001"``)."""
+    if np.ndim(target) == 0:
+        return int(target)  # type: ignore[arg-type]
+    return "".join(str(int(v)) for v in target)  # type: ignore[union-attr]
+
+
 class ManifestHasher:
     """Incremental sha256 over a dataset's header and its items, in dataset order.
 
     The header holds the format version, kind, split name, class names and, when a seeded split decided
-    membership, its parameters. Paths must be relative to the dataset root, so that moving or renaming
-    the root leaves the hash unchanged.
+    membership, its parameters; a multi-label dataset's header also says so (``"targets": "multilabel"``;
+    single-label headers are unchanged, so their hashes, and the caches keyed by them, stay valid). Paths
+    must be relative to the dataset root, so that moving or renaming the root leaves the hash unchanged.
     """
 
-    def __init__(self, kind: str, split: str, classes: Sequence[str], split_params: dict | None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        split: str,
+        classes: Sequence[str],
+        split_params: dict | None,
+        multilabel: bool = False,
+    ) -> None:
         header = {
             "format": MANIFEST_FORMAT,
             "kind": kind,
@@ -86,10 +102,13 @@ class ManifestHasher:
             "classes": list(classes),
             "split_params": split_params,
         }
+        if multilabel:
+            header["targets"] = "multilabel"
         self._sha = hashlib.sha256(json.dumps(header, sort_keys=True).encode("utf-8") + b"\n")
 
-    def add_file(self, path: str, size: int, mtime_ns: int, label: int) -> None:
-        """One file item: its identity (path), cheap content fingerprint (size, mtime) and label."""
+    def add_file(self, path: str, size: int, mtime_ns: int, label: int | str) -> None:
+        """One file item: its identity (path), cheap content fingerprint (size, mtime) and label (a
+        class index, or a multi-label row as :func:`label_key` writes it)."""
         # NUL cannot occur in a path, so the fields cannot run into one another.
         self._sha.update(f"{path}\0{size}\0{mtime_ns}\0{label}\n".encode())
 

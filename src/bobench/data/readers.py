@@ -1,7 +1,8 @@
 """Readers for published dataset layouts, looked up by spec kind (``revisitop:/data/roxford5k``).
 
 A reader is ``read(spec: DatasetSpec, split: str) -> FileItems``: it lists one split's files, labels
-and class names (nothing decoded), optionally with per-item crop boxes (``FileItems.boxes``, e.g. the
+(``[N]`` class indices, or ``[N, L]`` 0/1 for a multi-label set such as ``chexpert``) and class names
+(nothing decoded), optionally with per-item crop boxes (``FileItems.boxes``, e.g. the
 revisitop query regions) and protocol data that is not a class label (``FileItems.extras``, e.g.
 retrieval ground truth). It raises :class:`~bobench.data.errors.DatasetError` naming the file and the
 fix for a missing or malformed file, and for a split the layout does not have.
@@ -26,6 +27,8 @@ READERS.register("imagenet-a", "bobench.data.ood_readers:read_imagenet_a", optio
 READERS.register("imagenet-r", "bobench.data.ood_readers:read_imagenet_r", options=())
 READERS.register("objectnet", "bobench.data.objectnet:read_objectnet", options=())
 READERS.register("visda", "bobench.data.ood_readers:read_visda", options=("domain",))
+# multi-label classification (bobench.data.chexpert)
+READERS.register("chexpert", "bobench.data.chexpert:read_chexpert", options=("views",))
 
 
 def reader_options(kind: str) -> tuple[str, ...]:

@@ -8,6 +8,12 @@ Selection: highest val top-1 (ties: the smaller C); without a val split, highest
 top-1 on train (folds seeded by ``seed``, standardised with the label-free statistics of all of
 train). The test split is scored once, with the chosen C fitted on **train only** (no train+val refit).
 
+Multi-label features (labels ``[N, L]`` 0/1, ``n_classes = L``, e.g. CheXpert's 5 findings): one
+independent binary logistic regression per label (:mod:`~bobench.protocols.linear_path`), one C for
+all labels chosen by the highest val ``mean_auroc`` (without val: its mean over held-out seeded random
+folds), scored with :func:`bobench.metrics.multilabel_metrics` (``mean_auroc``,
+``mean_ap`` and ``auroc@label=<name>``); no temperature is fitted (:func:`fit_selected_multilabel`).
+
 Device: ``options.device`` (:class:`bobench.options.RunOptions`, ``--device``), never a parameter; the
 CPU when :func:`run` gets no options. The solver needs float64, which MPS lacks: ``mps`` is refused,
 and ``auto`` takes the CPU where it would pick MPS.
@@ -30,7 +36,16 @@ import torch
 
 from bobench.calibration import apply_temperature, fit_temperature
 from bobench.metrics import DEFAULT as DEFAULT_METRICS
-from bobench.metrics import METRICS, Metric, check_metric_names, classification_metrics
+from bobench.metrics import (
+    METRICS,
+    MULTILABEL_DEFAULT,
+    Metric,
+    check_metric_names,
+    classification_metrics,
+    mean_auroc,
+    multilabel_metrics,
+    undefined_labels,
+)
 from bobench.options import RunOptions
 from bobench.protocols.base import (
     ProbeData,
@@ -57,12 +72,14 @@ from bobench.protocols.linear_path import (
     fit_split,
     predict_logits,
     predict_proba,
+    sigmoid,
     softmax,
     split_logits,
     standardization,
 )
 
-__all__ = ["DEFAULTS", "LinearModel", "default_Cs", "fit_path", "fit_selected", "predict_logits"]
+__all__ = ["DEFAULTS", "LinearModel", "default_Cs", "fit_path", "fit_selected", "fit_selected_multilabel"]
+__all__ += ["predict_logits"]
 __all__ += ["predict_proba", "resolve_params", "run", "score_logits", "select", "standardization"]
 __all__ += ["SOLVER_NAME", "stratified_folds"]
 
@@ -209,6 +226,105 @@ def fit_selected(
     return model, info
 
 
+def fit_selected_multilabel(
+    data: ProbeData, p: Mapping[str, Any], seed: int, device: str | torch.device = "cpu"
+) -> tuple[LinearModel, dict[str, Any]]:
+    """:func:`fit_selected` for multi-label features: the path of ``L`` independent binary probes fitted
+    on train, one C chosen by the highest ``mean_auroc`` on val, or without val by its mean over ``kfold``
+    seeded random folds of train, each scored by the path fitted on the others (then refitted on all of
+    train). Never reads the test split.
+
+    Returns:
+        ``(model, info)``: ``info`` as :func:`fit_selected`'s with ``val_mean_auroc`` (per C) in place of
+        ``val_top1`` and no temperature.
+    """
+    Cs, bs, budget = p["Cs"], p["batch_size"], p["memory_budget_gb"]
+    device = compute_device(device, SOLVER_NAME)
+    for name in ("train",) + (("val",) if data.val is not None else ()):
+        check_labels(getattr(data, name), data.n_classes, name, multilabel=True)
+    t0 = time.perf_counter()
+    mean, scale = standardization(data.train)
+    train = StandardisedSplit(data.train, mean, scale, device, bs, budget)
+    fit_args = (p["max_iter"], p["tol"], data.n_classes, mean, scale)
+    n_iter = 0
+    if data.val is not None:
+        models = fit_split(train, None, Cs, *fit_args)
+        val = StandardisedSplit(data.val, mean, scale, device, bs, budget)
+        targets = np.asarray(data.val.labels)
+        score = [mean_auroc(split_logits(val, m), targets) for m in models]
+    else:
+        if data.train.n < p["kfold"]:
+            raise ValueError(f"kfold={p['kfold']} needs at least {p['kfold']} train samples")
+        # One "class": folds are a seeded permutation dealt round-robin (no stratification by label set).
+        fold_np = stratified_folds(np.zeros(data.train.n, dtype=np.int64), p["kfold"], seed)
+        fold = torch.from_numpy(fold_np).to(device)
+        # AUROC per held-out fold, then averaged: pooling the folds' scores would rank by each fold
+        # model's bias and penalise strong regularisation.
+        targets, score = np.asarray(data.train.labels), np.zeros(len(Cs))
+        for k in range(p["kfold"]):
+            path = fit_split(train, fold != k, Cs, *fit_args)
+            n_iter += sum(m.n_iter for m in path)
+            for c, m in enumerate(path):
+                score[c] += mean_auroc(split_logits(train, m, fold == k), targets[fold_np == k]) / p["kfold"]
+        models = fit_split(train, None, Cs[: select(score) + 1], *fit_args)
+    model = models[select(score)]
+    n_iter += sum(m.n_iter for m in models)
+    info = {
+        "C": model.C,
+        "Cs": Cs.tolist(),
+        "val_mean_auroc": [float(v) for v in score],
+        "selection": "val" if data.val is not None else "kfold",
+        "n_iter": int(n_iter),
+        "n_iter_path": [m.n_iter for m in models],
+        "converged": [m.converged for m in models],
+        "fit_seconds": time.perf_counter() - t0,
+        "streamed": train.cached is None,
+        "device": str(device),
+        "n_train": data.train.n,
+        "n_val": data.val.n if data.val is not None else None,
+    }
+    return model, info
+
+
+def _metric_names(params: Mapping[str, Any], p: Mapping[str, Any], multilabel: bool) -> list[str]:
+    """The metrics to compute: the task's, or the default of the target kind; ValueError on a mismatch."""
+    names = list(p["metrics"]) if "metrics" in params or not multilabel else list(MULTILABEL_DEFAULT)
+    wrong = [n for n in names if METRICS[n].multilabel != multilabel]
+    if wrong:
+        kind, use = ("multi-label", MULTILABEL_DEFAULT) if multilabel else ("single-label", DEFAULT_METRICS)
+        raise ValueError(
+            f"metric(s) {wrong} do not apply to these {kind} targets; use metrics from {', '.join(use)}"
+        )
+    return names
+
+
+def _run_multilabel(
+    data: ProbeData, params: Mapping[str, Any], p: dict[str, Any], seed: int, device: torch.device
+) -> ProtocolResult:
+    names = _metric_names(params, p, multilabel=True)
+    for name in ("train", "test") + (("val",) if data.val is not None else ()):
+        check_labels(getattr(data, name), data.n_classes, name, multilabel=True)  # all before any work
+    labels = list(data.classes) or [str(j) for j in range(data.n_classes)]
+    model, info = fit_selected_multilabel(data, p, seed, device)
+    kw = {"device": device, "batch_size": p["batch_size"], "memory_budget_gb": p["memory_budget_gb"]}
+    logits = predict_logits(model, data.test, **kw)
+    targets = np.asarray(data.test.labels, dtype=np.int64)
+    metrics = multilabel_metrics(logits, targets, labels, names)
+    n, L = targets.shape
+    score = sigmoid(logits).ravel()  # row-major: sample 0's L labels, then sample 1's, ...
+    predictions = {
+        "index": np.repeat(np.arange(n), L),
+        "label_name": np.tile(np.array(labels, dtype=object), n),
+        "label": targets.ravel(),
+        "score": score,
+        "pred": (score >= 0.5).astype(np.int64),
+        "setting": np.full(n * L, f"C={model.C:.4g}"),
+    }
+    left_out = undefined_labels(targets, labels)
+    info = {**info, "labels": labels, "auroc_undefined": left_out["auroc"], "ap_undefined": left_out["ap"]}
+    return ProtocolResult(metrics, predictions, {**info, "n_test": data.test.n})
+
+
 def run(
     data: ProbeData, params: Mapping[str, Any], seed: int, options: RunOptions | None = None
 ) -> ProtocolResult:
@@ -219,6 +335,15 @@ def run(
         params: any of :data:`DEFAULTS`; ``Cs`` (an explicit list) replaces ``C_min``/``C_max``/``num_C``.
         seed: seeds the k-fold split; the fit itself is deterministic.
         options: run options; the solver runs on ``options.device`` (None: the CPU).
+
+    Multi-label features (labels ``[N, L]``): see the module docstring; the metrics default to
+    ``mean_auroc`` and ``mean_ap``, always followed by ``auroc@label=<name>`` per label whose test
+    targets hold both classes (a label that does not is left out of every AUROC and named in
+    ``info["auroc_undefined"]``; likewise ``info["ap_undefined"]``). Predictions are one row per test
+    sample per label, in sample-major order: ``index``, ``label_name``, ``label`` (its 0/1 target),
+    ``score`` (the predicted probability of 1), ``pred`` (``score >= 0.5``) and ``setting``
+    (``C=<value>``); ``info`` has ``val_mean_auroc`` per C instead of ``val_top1``, ``labels``, and no
+    temperature.
 
     Returns:
         Test metrics (``params["metrics"]``; the ``*_ts`` ones under the fitted temperature), per-sample
@@ -235,6 +360,9 @@ def run(
     """
     p = resolve_params(params)
     device = run_device(options, "cpu", SOLVER_NAME)
+    if np.ndim(data.train.labels) == 2:
+        return _run_multilabel(data, params, p, seed, device)
+    p["metrics"] = _metric_names(params, p, multilabel=False)
     for name in ("train", "test") + (("val",) if data.val is not None else ()):
         check_labels(getattr(data, name), data.n_classes, name)  # all before any work
     model, info = fit_selected(data, p, seed, device)

@@ -7,6 +7,14 @@ divided by ``C N``::
 
     min over W [K, D], b [K]:   mean_i CE(softmax(W z_i + b), y_i) + ||W||^2 / (2 C N)
 
+Multi-label targets (labels ``[N, L]`` 0/1, e.g. CheXpert): one independent binary logistic regression
+per label, each sklearn's binary ``LogisticRegression(C=C)`` objective divided by ``C N``::
+
+    min over w_l [D], b_l:   mean_i BCE(sigmoid(w_l . z_i + b_l), y_il) + ||w_l||^2 / (2 C N)
+
+The ``L`` objectives share no parameter, so they are solved as one sum (one pass over the data per
+evaluation for all labels), whose minimiser is every label's own minimiser.
+
 ``z = (x - mean) / std`` with the train split's statistics (:func:`standardization`), ``N`` training
 rows, ``K`` the classes present in them (an absent class keeps its column with probability 0), bias
 unpenalised; larger C = weaker regularisation. Default grid: 10 values of C log-spaced over
@@ -43,7 +51,7 @@ from bobench.protocols.lbfgs import LBFGS
 __all__ = ["BATCH_SIZE", "MAX_ITER", "MEMORY_BUDGET_GB", "SOLVER_NAME", "TOL", "LinearModel"]
 __all__ += ["StandardisedSplit"]
 __all__ += ["check_Cs", "check_labels", "count_correct", "default_Cs", "fit_path", "fit_split"]
-__all__ += ["predict_logits", "predict_proba", "softmax", "split_logits", "standardization"]
+__all__ += ["predict_logits", "predict_proba", "sigmoid", "softmax", "split_logits", "standardization"]
 
 MAX_ITER = 1000  # L-BFGS iterations per value of C
 TOL = 1e-7  # stop when a quasi-Newton step lowers the objective by at most tol * objective
@@ -68,6 +76,7 @@ class LinearModel:
     scale: np.ndarray  # [D] float64, floored (see standardization)
     n_iter: int  # L-BFGS iterations for this C, after the warm start
     converged: bool  # False when max_iter stopped the fit
+    multilabel: bool = False  # K = L independent sigmoids (probs = sigmoid(logits)); classes = arange(L)
 
 
 def default_Cs(C_min: float = 1e-4, C_max: float = 1e2, num_C: int = 10) -> np.ndarray:
@@ -170,21 +179,27 @@ def _cpu_threads(device: torch.device, n: int) -> Iterator[None]:
 
 
 def _loss_grad(split: StandardisedSplit, rows, position, theta: torch.Tensor, lam: float, n: float):
-    """``(objective, gradient [K, D + 1])`` at ``theta = [W | b]`` (float64), summed over chunks."""
+    """``(objective, gradient [K, D + 1])`` at ``theta = [W | b]`` (float64), summed over chunks;
+    ``position`` None: multi-label (a binary cross-entropy per column)."""
     D = theta.shape[1] - 1
     W32, b32 = theta[:, :D].float(), theta[:, D].float()
     loss = torch.zeros((), dtype=torch.float64, device=theta.device)
     gWt = torch.zeros((D, len(theta)), dtype=torch.float64, device=theta.device)
     gb = torch.zeros(len(theta), dtype=torch.float64, device=theta.device)
     for z, y in split.chunks(rows):
-        t = position[y][:, None]
         # Matmuls (D-long dot products) in float32; the softmax on [B, K] logits in float64 costs K/D of
         # them and keeps small residuals and the loss exact enough for a tight line search.
-        logp = torch.log_softmax(torch.addmm(b32, z, W32.t()).double(), dim=1)
-        loss -= logp.gather(1, t).sum()
-        residual = logp.exp_().scatter_add_(
-            1, t, torch.full(t.shape, -1.0, dtype=torch.float64, device=t.device)
-        )
+        s = torch.addmm(b32, z, W32.t()).double()
+        if position is None:  # multi-label: softplus(s) - y s is the BCE of sigmoid(s), its gradient p - y
+            loss += (torch.nn.functional.softplus(s) - y * s).sum()
+            residual = torch.sigmoid(s) - y
+        else:
+            t = position[y][:, None]
+            logp = torch.log_softmax(s, dim=1)
+            loss -= logp.gather(1, t).sum()
+            residual = logp.exp_().scatter_add_(
+                1, t, torch.full(t.shape, -1.0, dtype=torch.float64, device=t.device)
+            )
         gWt += z.t() @ residual.float()  # float32 product ([D, K] is faster than [K, D]), float64 sums
         gb += residual.sum(dim=0)
     W = theta[:, :D]
@@ -205,18 +220,29 @@ def fit_split(
     """Solve the path on ``split`` (restricted to the ``rows`` bool mask) for ascending ``Cs``,
     warm-started; ``mean`` and ``scale`` (the split's standardisation) are recorded in each model."""
     device, D = split.device, split.features.dim
-    classes = torch.unique(split.labels if rows is None else split.labels[rows])
+    multilabel = split.labels.ndim == 2
+    if multilabel:
+        classes, position = torch.arange(n_classes, device=device), None
+        counts, n = torch.zeros(n_classes, dtype=torch.float64, device=device), 0.0
+        for _, y in split.chunks(rows):
+            counts, n = counts + y.sum(dim=0), n + len(y)
+        # The C -> 0 solution (W = 0, b = logit of the positive rate), clipped for a one-class label.
+        rate = (counts / n).clamp(0.5 / n, 1 - 0.5 / n)
+        prior = torch.log(rate / (1 - rate))
+    else:
+        classes = torch.unique(split.labels if rows is None else split.labels[rows])
+        position = torch.full((n_classes,), -1, dtype=torch.long, device=device)  # class id -> column
+        position[classes] = torch.arange(len(classes), device=device)
+        counts = torch.zeros(len(classes), dtype=torch.float64, device=device)
+        for _, y in split.chunks(rows):
+            counts += torch.bincount(position[y], minlength=len(classes))
+        n = float(counts.sum())
+        prior = torch.log(counts / n)
+        prior = prior - prior.mean()  # the C -> 0 solution (W = 0, b = log priors) as the start
     K = len(classes)
-    position = torch.full((n_classes,), -1, dtype=torch.long, device=device)  # class id -> column
-    position[classes] = torch.arange(K, device=device)
-    counts = torch.zeros(K, dtype=torch.float64, device=device)
-    for _, y in split.chunks(rows):
-        counts += torch.bincount(position[y], minlength=K)
-    n = float(counts.sum())
     # float64 parameters: L-BFGS needs loss and gradient differences finer than float32 resolves.
     theta = torch.zeros((K, D + 1), dtype=torch.float64, device=device)
-    prior = torch.log(counts / n)
-    theta[:, D] = prior - prior.mean()  # the C -> 0 solution (W = 0, b = log priors) as the start
+    theta[:, D] = prior
     wmask = torch.ones_like(theta)
     wmask[:, D] = 0
     opt = LBFGS(wmask.ravel())
@@ -241,7 +267,9 @@ def fit_split(
             opt.set_lam(lam)
             x, f, g, n_iter, converged = opt.minimise(fg, x, f, g, tol, max_iter)
         W, b = x.view(K, D + 1)[:, :D].float().cpu().numpy(), x.view(K, D + 1)[:, D].float().cpu().numpy()
-        models.append(LinearModel(float(C), W, b, class_ids, n_classes, mean, scale, n_iter, converged))
+        models.append(
+            LinearModel(float(C), W, b, class_ids, n_classes, mean, scale, n_iter, converged, multilabel)
+        )
     return models
 
 
@@ -276,6 +304,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """float64 sigmoid of float32 logits, element-wise (a multi-label model's probabilities)."""
+    return torch.sigmoid(torch.from_numpy(logits).double()).numpy()
+
+
 def fit_path(
     train: Features,
     Cs: Sequence[float],
@@ -287,7 +320,8 @@ def fit_path(
     batch_size: int = BATCH_SIZE,
     memory_budget_gb: float = MEMORY_BUDGET_GB,
 ) -> list[LinearModel]:
-    """Fit the probe for every C of an ascending path on ``train`` (``ArrayFeatures(X, y)`` for arrays).
+    """Fit the probe for every C of an ascending path on ``train`` (``ArrayFeatures(X, y)`` for arrays);
+    ``[N, L]`` 0/1 labels fit ``L`` independent binary probes (``n_classes = L``).
 
     Args:
         train: features to fit, standardised with their own statistics (:func:`standardization`).
@@ -306,7 +340,7 @@ def fit_path(
             cannot run the solver.
     """
     Cs = check_Cs(Cs)
-    check_labels(train, n_classes, "train")
+    check_labels(train, n_classes, "train", multilabel=np.ndim(train.labels) == 2)
     device = compute_device(device, SOLVER_NAME)
     mean, scale = standardization(train)
     split = StandardisedSplit(train, mean, scale, device, batch_size, memory_budget_gb)
@@ -331,15 +365,27 @@ def predict_logits(
 
 
 def predict_proba(model: LinearModel, features: Features | np.ndarray, **kw: Any) -> np.ndarray:
-    """Probabilities ``[N, n_classes]`` float64: the softmax of :func:`predict_logits` (same keywords)."""
-    return softmax(predict_logits(model, features, **kw))
+    """Probabilities ``[N, n_classes]`` float64: the softmax of :func:`predict_logits` (same keywords);
+    for a multi-label model the sigmoid, ``[N, L]`` independent probabilities of each label."""
+    logits = predict_logits(model, features, **kw)
+    return sigmoid(logits) if model.multilabel else softmax(logits)
 
 
-def check_labels(features: Features, n_classes: int, name: str) -> None:
-    """Raise ValueError if split ``name`` is empty or has labels outside ``[0, n_classes)``."""
+def check_labels(features: Features, n_classes: int, name: str, multilabel: bool = False) -> None:
+    """Raise ValueError if split ``name`` is empty or has labels outside ``[0, n_classes)``; with
+    ``multilabel``, unless its labels are ``[N, n_classes]`` zeros and ones."""
     labels = np.asarray(features.labels)
     if features.n == 0:
         raise ValueError(f"the {name} split is empty")
+    if multilabel or labels.ndim != 1:
+        if not multilabel:
+            raise ValueError(
+                f"the {name} split has multi-label targets {labels.shape}; this probe needs one class per "
+                "sample (the linear protocol handles multi-label targets)"
+            )
+        if labels.shape != (features.n, n_classes) or not np.isin(labels, (0, 1)).all():
+            raise ValueError(f"{name} labels must be [N, {n_classes}] zeros and ones, got {labels.shape}")
+        return
     if labels.min() < 0 or labels.max() >= n_classes:
         raise ValueError(f"{name} labels must lie in [0, {n_classes}), got [{labels.min()}, {labels.max()}]")
 
