@@ -177,3 +177,34 @@ def count_network(patch=setattr, *, block: bool = True) -> dict[str, int]:
 
     patch(time, "sleep", sleep)
     return calls
+
+
+class TrainGatedNet(TinyNet):
+    """Blocks its training forward passes after the first ``$BOBENCH_TEST_TRAIN_GATE_AFTER`` until the
+    file named by ``$BOBENCH_TEST_GATE`` exists: holds a fine-tuning run at a known point (after its
+    first epoch's checkpoint) so a test can kill it there, with no timing involved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        import os
+        import time
+        from pathlib import Path
+
+        if self.training:
+            self.calls += 1
+            gate, after = (
+                os.environ.get("BOBENCH_TEST_GATE"),
+                int(os.environ.get("BOBENCH_TEST_TRAIN_GATE_AFTER", "0")),
+            )
+            while gate and after and self.calls > after and not Path(gate).exists():
+                time.sleep(0.05)
+        return super().forward(x)
+
+
+def make_train_gated(pretrained: bool = False) -> nn.Module:
+    net = TrainGatedNet()
+    net.pretrained_cfg = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    return net

@@ -52,6 +52,9 @@ class CellOutcome:
     n_test: int | None = None
     predictions: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    #: a trained cell's checkpoint folder: kept while the cell is unrecorded or failed (a rerun resumes
+    #: from it), deleted by the driver once the cell is recorded ok
+    checkpoint_dir: str | None = None
 
 
 @dataclass(frozen=True)

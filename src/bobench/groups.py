@@ -11,26 +11,35 @@ from bobench.cells import CellOutcome, PlannedCell, WorkGroup, error_text, faile
 def run_group(group: WorkGroup) -> Iterator[CellOutcome]:
     """Run every cell of one backbone; never raises for a cell's failure.
 
-    The backbone is built once; a random-init control (``card.pretrained`` False) is built once per
+    Trained cells (:mod:`bobench.trained`) each build their own backbone. For the frozen cells the
+    backbone is built once; a random-init control (``card.pretrained`` False) is built once per
     seed with that seed as its init seed, so seeds of a control differ in their initialisation as the
     store says they do. A failing build fails exactly the cells that needed it. Runs in the driver
     (local executor) or in a worker (Ray).
     """
     from bobench.backbones import create_backbone
     from bobench.frozen import run_frozen
+    from bobench.protocols import protocol_kind
+    from bobench.trained import run_trained
 
-    by_seed: dict[int, list[PlannedCell]] = {}
+    frozen = [pc for pc in group.cells if protocol_kind(pc.task.protocol) == "frozen"]
     for pc in group.cells:
+        if protocol_kind(pc.task.protocol) == "trained":
+            yield run_trained(pc, group)  # a fresh backbone per trained cell: training changes it
+    if not frozen:
+        return
+    by_seed: dict[int, list[PlannedCell]] = {}
+    for pc in frozen:
         by_seed.setdefault(pc.seed, []).append(pc)
     seeds = list(by_seed)
     t0 = time.perf_counter()
     try:
         backbone = create_backbone(group.backbone, init_seed=seeds[0])
     except Exception as exc:
-        yield from _build_failed(group.backbone, group.cells, exc)
+        yield from _build_failed(group.backbone, frozen, exc)
         return
     if backbone.card.pretrained or len(seeds) == 1:
-        yield from run_frozen(backbone, list(group.cells), group, build_s=time.perf_counter() - t0)
+        yield from run_frozen(backbone, frozen, group, build_s=time.perf_counter() - t0)
         return
     # a random-init control: one build per seed, each cell on the network its own seed initialised
     yield from run_frozen(backbone, by_seed[seeds[0]], group, build_s=time.perf_counter() - t0)

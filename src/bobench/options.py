@@ -24,6 +24,9 @@ class RunOptions:
         num_workers: DataLoader workers (None: one per spare core, at most 8).
         channels_last: None lets the backbone decide (CNNs: yes).
         progress: show progress bars (only ever on a terminal).
+        compile: run trained models through ``torch.compile`` (opt-in).
+        checkpoint_minutes: a training run also checkpoints inside an epoch when this many minutes
+            have passed since the last checkpoint (None: after every epoch only).
 
     Example:
         >>> RunOptions(device="cpu").replace(batch_size=32).batch_size
@@ -36,6 +39,8 @@ class RunOptions:
     num_workers: int | None = None
     channels_last: bool | None = None
     progress: bool = True
+    compile: bool = False
+    checkpoint_minutes: float | None = 10.0
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:

@@ -22,11 +22,11 @@ if TYPE_CHECKING:
 
 
 class Advance(Protocol):
-    def advance(self, n: int) -> None: ...
+    def advance(self, n: int, note: str = "") -> None: ...
 
 
 class _Null:
-    def advance(self, n: int) -> None:
+    def advance(self, n: int, note: str = "") -> None:
         pass
 
 
@@ -81,12 +81,14 @@ class _TaskBar:
     def __init__(self, progress: Progress, task: int, unit: str) -> None:
         self._progress, self._task, self._unit = progress, task, unit
 
-    def advance(self, n: int) -> None:
+    def advance(self, n: int, note: str = "") -> None:
+        """Advance by ``n``; ``note`` (e.g. ``loss 0.53 lr 1e-3``) is shown after the rate."""
         self._progress.advance(self._task, n)
         # look the task up by id: a routed Progress removes finished tasks, so ids are not list indices
         speed = next((t.speed for t in self._progress.tasks if t.id == self._task), None)
-        if speed:
-            self._progress.update(self._task, rate=f"{speed:.1f} {self._unit}/s")
+        if speed or note:
+            rate = f"{speed:.1f} {self._unit}/s" if speed else ""
+            self._progress.update(self._task, rate=f"{rate} {note}".strip())
 
 
 # The Progress that bars are routed into while a display is live (None: each bar draws itself).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -214,6 +215,8 @@ def run_battle(
     groups = [WorkGroup(bb, tuple(cells), options, cache) for bb, cells in pending.items()]
     for out in get_executor(executor)(groups, **(executor_options or {})):
         record(store, out)  # the driver is the single writer
+        if out.status == "ok" and out.checkpoint_dir:  # recorded: the training state is not needed
+            shutil.rmtree(out.checkpoint_dir, ignore_errors=True)
         if out.status == "ok":
             summary.done += 1
         else:

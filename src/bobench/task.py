@@ -124,9 +124,23 @@ def _format_error(path: Path | str, exc: ValidationError, model: type[BaseModel]
     return "\n".join(lines)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, except that ``1e-3`` is a float (YAML 1.2, and what anyone writing a
+    learning rate means); PyYAML alone reads it as the string ``"1e-3"``."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+|[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_Loader)  # a SafeLoader subclass: builds plain data only
     except FileNotFoundError:
         raise TaskError(f"file {path} does not exist") from None
     except yaml.YAMLError as exc:

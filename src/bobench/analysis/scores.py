@@ -23,7 +23,9 @@ from bobench.analysis.rows import select_rows
 
 __all__ = ["degenerate_spread", "nanmean", "rank", "rank_min", "score_matrix", "task_type", "zscores"]
 
+# fine-tuning is classification, as in BoB's aggregation (its classification results are mostly fine-tuning)
 _TASK_TYPES = {"linear": "classification", "knn": "classification", "fewshot": "classification"}
+_TASK_TYPES |= {"finetune": "classification"}
 _TASK_TYPES |= {"retrieval": "retrieval", "ood": "ood"}
 _RANK_DECIMALS = 10  # overall scores equal to 1e-10 are tied: summation-order noise must not rank
 

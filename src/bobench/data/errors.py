@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class DatasetError(ValueError):
     """A dataset spec, file or folder that cannot be used as asked.
@@ -41,3 +44,16 @@ def unwrap_worker_error(exc: BaseException) -> BaseException:
         return exc
     original.add_note(text[:at].rstrip())  # where it happened, for BOBENCH_DEBUG and the stored traceback
     return original
+
+
+@contextmanager
+def worker_errors_unwrapped() -> Iterator[None]:
+    """Inside the block, a DataLoader worker's error is re-raised as itself (see
+    :func:`unwrap_worker_error`), so the message names the file and the fix instead of the worker."""
+    try:
+        yield
+    except Exception as exc:
+        original = unwrap_worker_error(exc)
+        if original is exc:
+            raise
+        raise original from None

@@ -1,8 +1,13 @@
 """Evaluation protocols, one module each, looked up by name through a lazy registry.
 
-Every protocol is ``run(data: ProbeData, params: Mapping, seed: int, options: RunOptions | None = None)
--> ProtocolResult`` (the contract: :mod:`bobench.protocols.base`). The runner passes the run options
-(device, ...) to every protocol; they are never task parameters.
+Each declares its *kind* (the contract: :mod:`bobench.protocols.base`):
+
+* ``frozen``: ``run(data: ProbeData, params, seed, options) -> ProtocolResult`` on cached features
+  (one forward pass per backbone and dataset, shared by every frozen protocol);
+* ``trained``: ``run(backbone, data: TrainData, params, seed, options, checkpoint_dir) -> ProtocolResult``
+  trains a fresh backbone for the cell (:mod:`bobench.training`).
+
+The runner passes the run options (device, ...) to every protocol; they are never task parameters.
 """
 
 from __future__ import annotations
@@ -13,11 +18,18 @@ from bobench.registry import Registry
 PROTOCOLS = Registry("protocol")
 # accepts_metrics: the runner passes the task's registered metric names as params["metrics"] (the
 # protocol computes only those)
-PROTOCOLS.register("linear", "bobench.protocols.linear:run", needs="pooled features", accepts_metrics=True)
-PROTOCOLS.register("knn", "bobench.protocols.knn:run", needs="pooled features")
-PROTOCOLS.register("fewshot", "bobench.protocols.fewshot:run", needs="pooled features")
-PROTOCOLS.register("retrieval", "bobench.protocols.retrieval:run", needs="pooled features")
-PROTOCOLS.register("ood", "bobench.protocols.ood:run", needs="pooled features", accepts_metrics=True)
+_FROZEN = {"kind": "frozen", "needs": "pooled features"}
+PROTOCOLS.register("linear", "bobench.protocols.linear:run", accepts_metrics=True, **_FROZEN)
+PROTOCOLS.register("knn", "bobench.protocols.knn:run", **_FROZEN)
+PROTOCOLS.register("fewshot", "bobench.protocols.fewshot:run", **_FROZEN)
+PROTOCOLS.register("retrieval", "bobench.protocols.retrieval:run", **_FROZEN)
+PROTOCOLS.register("ood", "bobench.protocols.ood:run", accepts_metrics=True, **_FROZEN)
+PROTOCOLS.register("finetune", "bobench.protocols.finetune:run", kind="trained", needs="images")
+
+
+def protocol_kind(name: str) -> str:
+    """``"frozen"`` or ``"trained"`` (see the module docstring)."""
+    return str(PROTOCOLS[name].meta.get("kind", "frozen"))
 
 
 def get_protocol(name: str):

@@ -112,6 +112,31 @@ class ProbeData:
 
 
 @dataclass
+class TrainData:
+    """The splits a trained protocol works on: image datasets without transforms (the protocol sets
+    its own train and eval transforms). ``val`` None: the protocol holds a val split out of train.
+
+    Attributes:
+        train, val, test: :class:`~bobench.data.ImageDataset` (or compatible) splits.
+        classes: class (or, multi-label, label) names; targets index into them.
+        multilabel: targets are ``[L]`` 0/1 vectors instead of class indices.
+        image_size: the task's input size override.
+    """
+
+    train: Any
+    val: Any | None
+    test: Any
+    classes: list[str]
+    multilabel: bool = False
+    #: the task's input size override (None: the backbone card's)
+    image_size: int | None = None
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
 class OodSet:
     """One shifted test set of an OOD task, with its labels in the in-distribution label space.
 

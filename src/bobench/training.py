@@ -1,0 +1,401 @@
+"""The one training loop every trained protocol uses (fine-tuning now; detection and segmentation next).
+
+What it does, so protocols do not: device and precision (autocast; a gradient scaler for fp16), the
+effective batch as micro-batches × gradient accumulation × data-parallel ranks, gradient clipping,
+channels_last, ``torch.compile`` on request, a progress bar (loss, lr, img/s, ETA), evaluation on val
+after every epoch with the best epoch's weights kept, atomic checkpoints, and DDP under ``torchrun``.
+
+**Resumable, bit for bit.** Randomness is counter-based, never carried from one step to the next: the
+sample order of epoch ``e`` is a permutation seeded by ``(seed, e)``; each sample's augmentation is
+seeded by ``(seed, e, index)`` (:class:`SeededDataset`, so it does not depend on which worker loads
+it); each micro-batch's mixup and drop-path draws are seeded by ``(seed, e, micro-batch)``. A
+checkpoint (model, optimizer, scheduler, scaler, position, best-so-far, history) written after any
+optimizer update therefore resumes to exactly the run that was never interrupted: on the CPU the
+final weights are equal bit for bit (tested). Checkpoints are written after every epoch, and inside an
+epoch at most every ``RunOptions.checkpoint_minutes``, to a temporary name then renamed, and read back
+with ``torch.load(weights_only=True)``.
+
+Example:
+    >>> trainer = Trainer(model, opt, sched, nn.CrossEntropyLoss(), epochs=3, batch_size=32,
+    ...                   options=RunOptions(device="cpu"), seed=0, evaluate=val_top1)
+    >>> result = trainer.fit(train_set)     # result.best_state: the weights of the best val epoch
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from bobench.checkpoints import Checkpoints
+from bobench.data.errors import worker_errors_unwrapped
+from bobench.device import Placement, resolve_placement
+from bobench.options import RunOptions
+
+
+def seed_for(*parts: Any) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (stable across processes and runs)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (the ones augmentations and mixup use)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class SeededDataset(Dataset):
+    """``dataset`` whose item ``i`` in epoch ``epoch`` is drawn under the seed ``(seed, epoch, i)``.
+
+    Random augmentations then depend only on the sample and the epoch, not on the worker process that
+    loads it nor on where an interrupted epoch resumed. Set :attr:`epoch` before each epoch's loader is
+    made (workers receive a copy of the dataset when the loader's iterator starts).
+    """
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        seed_all(seed_for(self.seed, "sample", self.epoch, int(i)))
+        return self.dataset[i]
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns.
+
+    Attributes:
+        best_state: CPU copy of the model's state at the epoch with the best val score (the last epoch
+            when there is no ``evaluate``).
+        best_score: that score (None without ``evaluate``). best_epoch: its 0-based epoch.
+        history: one dict per epoch: ``epoch``, ``loss`` (mean train loss), ``lr``, ``val``.
+        batch_size: the effective batch used (the requested one, clipped to the train set size).
+        img_per_s: training throughput over the epochs this process ran (None when resumed complete).
+        resumed_from: ``(epoch, micro-batch)`` a checkpoint resumed at, or None.
+    """
+
+    best_state: dict[str, torch.Tensor]
+    best_score: float | None
+    best_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    batch_size: int = 0
+    img_per_s: float | None = None
+    resumed_from: tuple[int, int] | None = None
+
+
+def _dist() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised process group, ``(0, 1)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _micro_batch(per_rank: int, largest: int, multiple: int = 1) -> int:
+    """The largest divisor of ``per_rank`` that is at most ``largest`` and a multiple of ``multiple``
+    (so accumulation is exact, and mixup gets the even batches it needs)."""
+    for m in range(min(per_rank, max(1, largest)), 0, -1):
+        if per_rank % m == 0 and m % multiple == 0:
+            return m
+    return per_rank
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``model.state_dict()``."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+class Trainer:
+    """Train ``model`` for ``epochs`` epochs; see the module docstring for the guarantees.
+
+    Args:
+        model: the module to train (moved to the run's device).
+        optimizer: over ``model``'s parameters.
+        scheduler: a timm scheduler (``step_update(num_updates)`` after every optimizer update,
+            ``step(epoch)`` after every epoch), a function ``updates_per_epoch -> scheduler`` (the number
+            is only known once the train set is), or None.
+        loss_fn: ``(outputs, targets) -> scalar loss``.
+        epochs: total epochs. batch_size: effective batch (over accumulation and ranks).
+        options: device, precision, micro-batch (``batch_size``), workers, channels_last, compile,
+            checkpoint_minutes.
+        seed: the cell's seed: sample order, augmentation, mixup and drop path derive from it.
+        clip_grad: max gradient norm, or None.
+        mixup: ``(x, y) -> (x, y)`` applied to each micro-batch (e.g. timm's ``Mixup``), or None.
+        train_mode: puts the model in training mode (default ``model.train()``; a frozen backbone keeps
+            its BatchNorm statistics by staying in eval).
+        evaluate: ``model -> score`` on val after every epoch (higher is better), or None.
+        checkpoints: where to checkpoint and resume from, or None.
+        checkpoint_every: also checkpoint after every N optimizer updates (tests; None: by time only).
+        on_update: called with the number of updates after each one is done and checkpointed.
+        description: the progress bar's label.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        *,
+        epochs: int,
+        batch_size: int,
+        options: RunOptions,
+        seed: int,
+        clip_grad: float | None = None,
+        mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        train_mode: Callable[[nn.Module], None] | None = None,
+        evaluate: Callable[[nn.Module], float] | None = None,
+        checkpoints: Checkpoints | None = None,
+        checkpoint_every: int | None = None,
+        on_update: Callable[[int], None] | None = None,
+        description: str = "train",
+    ) -> None:
+        if epochs < 1 or batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+        self.model, self.optimizer, self.scheduler, self.loss_fn = model, optimizer, scheduler, loss_fn
+        self.epochs, self.batch_size, self.options, self.seed = epochs, batch_size, options, seed
+        self.clip_grad, self.mixup, self.evaluate = clip_grad, mixup, evaluate
+        self.train_mode = train_mode or (lambda m: m.train())
+        self.checkpoints, self.checkpoint_every, self.on_update = checkpoints, checkpoint_every, on_update
+        self.description = description
+        self.placement: Placement = resolve_placement(options.device, options.precision)
+
+    # -- state ------------------------------------------------------------------------------------
+    def _state(self, position: tuple[int, int], updates: int, best: dict[str, Any], history: list) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "scaler": self.scaler.state_dict(),
+            "epoch": position[0],
+            "micro": position[1],
+            "updates": updates,
+            "best": best,
+            "history": history,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self, dataset: Any) -> TrainResult:
+        """Train on ``dataset`` (items ``(image tensor, target)``), resuming from a checkpoint if any.
+
+        Raises:
+            ValueError: a checkpoint of another seed or batch size is in the folder, or the train set
+                is smaller than the number of ranks.
+        """
+        from bobench.progress import progress_bar
+
+        rank, world = _dist()
+        device = self.placement.device
+        n = len(dataset)
+        step = world * (2 if self.mixup is not None else 1)  # mixup pairs samples within a micro-batch
+        batch = min(self.batch_size, n)
+        batch -= batch % step
+        if batch < step:
+            raise ValueError(f"the train set has {n} images: too few for {world} rank(s) (and mixup's pairs)")
+        per_rank = batch // world
+        micro = _micro_batch(per_rank, self.options.batch_size, 2 if self.mixup is not None else 1)
+        accum = per_rank // micro
+        updates_per_epoch = n // batch
+        seeded = dataset if isinstance(dataset, SeededDataset) else SeededDataset(dataset, self.seed)
+        if self.scheduler is not None and not hasattr(self.scheduler, "step_update"):
+            self.scheduler = self.scheduler(updates_per_epoch)
+
+        self.model.to(device)
+        channels_last = bool(self.options.channels_last)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.placement.precision == "fp16")
+        net: nn.Module = self.model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        if self.options.compile:
+            net = torch.compile(net)
+
+        epoch, start_micro, updates = 0, 0, 0
+        best: dict[str, Any] = {"score": None, "epoch": -1, "state": None}
+        history: list[dict[str, Any]] = []
+        resumed = None
+        state = self.checkpoints.load() if self.checkpoints is not None else None
+        if state is not None:
+            if state["seed"] != self.seed or state["batch_size"] != self.batch_size:
+                raise ValueError(
+                    f"the checkpoint in {self.checkpoints.folder} is of another run (seed {state['seed']}, "
+                    f"batch {state['batch_size']}); delete the folder to start afresh"
+                )
+            self._restore(state)
+            epoch, start_micro, updates = state["epoch"], state["micro"], state["updates"]
+            best, history = state["best"], state["history"]
+            resumed = (epoch, start_micro)
+
+        t_start, seen = time.perf_counter(), 0
+        last_save = time.monotonic()
+        while epoch < self.epochs:
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(seed_for(self.seed, "order", epoch))
+            )
+            order = order[: updates_per_epoch * batch].view(updates_per_epoch, world, per_rank)[:, rank]
+            local = order.reshape(-1).tolist()
+            seeded.epoch = epoch
+            loader = DataLoader(
+                Subset(seeded, local[start_micro * micro :]),
+                batch_size=micro,
+                shuffle=False,
+                num_workers=self._workers(),
+                pin_memory=device.type == "cuda",
+            )
+            self.train_mode(self.model)
+            # a resumed epoch keeps the losses of its first part, so its mean is the whole epoch's
+            losses = list(state.get("epoch_losses", [])) if state is not None and start_micro else []
+            lr = self.optimizer.param_groups[-1]["lr"]
+            m = start_micro
+            total = updates_per_epoch * accum
+            with (
+                progress_bar(
+                    f"{self.description} epoch {epoch + 1}/{self.epochs}",
+                    total=total * micro,
+                    enabled=self.options.progress,
+                ) as bar,
+                worker_errors_unwrapped(),
+            ):
+                bar.advance(start_micro * micro)
+                for x, y in loader:
+                    seed_all(seed_for(self.seed, "step", epoch, m, rank))  # mixup and drop path draws
+                    x = x.to(device, non_blocking=True)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    y = y.to(device, non_blocking=True)
+                    if self.mixup is not None:
+                        x, y = self.mixup(x, y)
+                    last_micro = (m + 1) % accum == 0
+                    sync = net.no_sync() if world > 1 and not last_micro else nullcontext()
+                    with sync, self.placement.autocast_context():
+                        loss = self.loss_fn(net(x), y)
+                    self.scaler.scale(loss / accum).backward()
+                    losses.append(float(loss.detach()))
+                    m += 1
+                    seen += len(x)
+                    lr = self.optimizer.param_groups[-1]["lr"]
+                    bar.advance(len(x), f"loss {losses[-1]:.3f} lr {lr:.2e}")
+                    if not last_micro:
+                        continue
+                    self._step()
+                    updates += 1
+                    if self.scheduler is not None:
+                        self.scheduler.step_update(num_updates=updates)
+                    due = self.checkpoint_every is not None and updates % self.checkpoint_every == 0
+                    minutes = self.options.checkpoint_minutes
+                    due = due or (minutes is not None and time.monotonic() - last_save > 60 * minutes)
+                    if self.checkpoints is not None and due and m < total:
+                        self.checkpoints.save(
+                            {**self._state((epoch, m), updates, best, history), "epoch_losses": losses}
+                        )
+                        last_save = time.monotonic()
+                    if self.on_update is not None:
+                        self.on_update(updates)
+            if self.scheduler is not None:
+                self.scheduler.step(epoch + 1)
+            score = self.evaluate(self.model) if self.evaluate is not None else None
+            record = {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)) if losses else None,
+                "lr": lr,
+                "val": score,
+            }
+            history.append(record)
+            if (
+                self.evaluate is None
+                or best["score"] is None
+                or (score is not None and score > best["score"])
+            ):
+                best = {"score": score, "epoch": epoch, "state": cpu_state(self.model)}
+            epoch, start_micro, state = epoch + 1, 0, None
+            if self.checkpoints is not None:
+                self.checkpoints.save(self._state((epoch, 0), updates, best, history))
+                last_save = time.monotonic()
+        wall = time.perf_counter() - t_start
+        return TrainResult(
+            best_state=best["state"] if best["state"] is not None else cpu_state(self.model),
+            best_score=best["score"],
+            best_epoch=best["epoch"],
+            history=history,
+            batch_size=batch,
+            img_per_s=seen / wall if seen and wall > 0 else None,
+            resumed_from=resumed,
+        )
+
+    def _step(self) -> None:
+        if self.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            params: Sequence[torch.Tensor] = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _workers(self) -> int:
+        if self.options.num_workers is not None:
+            return self.options.num_workers
+        return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+def evaluate_model(
+    model: nn.Module, dataset: Any, options: RunOptions, *, description: str = "eval"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(outputs [N, ...] float32 on the CPU, targets [N, ...])`` of ``model`` over ``dataset`` in order."""
+    from bobench.progress import progress_bar
+
+    placement = resolve_placement(options.device, options.precision)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(
+        dataset,
+        batch_size=options.batch_size,
+        shuffle=False,
+        num_workers=options.num_workers
+        if options.num_workers is not None
+        else min(8, max(0, (os.cpu_count() or 1) - 1)),
+        pin_memory=placement.device.type == "cuda",
+    )
+    outs, targets = [], []
+    with (
+        torch.inference_mode(),
+        progress_bar(description, total=len(dataset), enabled=options.progress) as bar,
+        worker_errors_unwrapped(),
+    ):
+        for x, y in loader:
+            x = x.to(placement.device, non_blocking=True)
+            if options.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with placement.autocast_context():
+                outs.append(model(x).float().cpu())
+            targets.append(y)
+            bar.advance(len(x))
+    model.train(was_training)
+    return torch.cat(outs), torch.cat(targets)
