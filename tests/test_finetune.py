@@ -72,6 +72,13 @@ def test_lr_sweep_is_selected_on_val_and_test_scored_once(tmp_path: Path) -> Non
     assert not (tmp_path / "c" / "checkpoints").exists() or not any(
         (tmp_path / "c" / "checkpoints").iterdir()
     )
+    # the report's bootstrap resamples the kept predictions (it checks they reproduce the stored score)
+    from bobench.analysis import bootstrap
+
+    ok = rows[rows["status"] == "ok"].copy()
+    twin = ok.assign(backbone="twin")  # a second backbone, so that a ranking exists
+    boot = bootstrap(pd.concat([ok, twin]), n_boot=20)
+    assert boot.attrs["resampling"]["digits-ft:top1"]["predictions"] == ["random/timm:test_vit", "twin"]
 
 
 def test_layer_decay_scales_the_lr_per_layer_group() -> None:

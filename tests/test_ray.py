@@ -143,12 +143,20 @@ def _battle(db: Path, backbones: list[str], tasks: list[Path], cache: Path, on_o
 
 
 def test_ray_gives_the_local_numbers(tmp_path: Path, digits_tasks: list[Path]) -> None:
+    """Frozen and trained cells alike: a Ray worker computes exactly what the driver would."""
     bbs = ["random/mobilenetv2_100", "user_models:make_declared"]
+    finetune = _task(
+        tmp_path, "digits-finetune", "finetune", 32,
+        "params: {epochs: 1, batch_size: 64, auto_augment: null, mixup: 0.0, cutmix: 0.0, reprob: 0.0, "
+        "color_jitter: 0.0, warmup_epochs: 0}\n",
+    )  # fmt: skip
+    tasks = [*digits_tasks, finetune]
     with ResultStore(tmp_path / "local.db") as store:
-        run_battle(bbs, digits_tasks, store=store, cache_dir=tmp_path / "c-local", options=OPTS)
+        run_battle(bbs, tasks, store=store, cache_dir=tmp_path / "c-local", options=OPTS)
     # its own feature cache, so the workers extract the features themselves
-    s = _battle(tmp_path / "ray.db", bbs, digits_tasks, tmp_path / "c-ray")
-    assert (s.done, s.failed, s.skipped) == (4, 0, 0)
+    s = _battle(tmp_path / "ray.db", bbs, tasks, tmp_path / "c-ray")
+    assert (s.done, s.failed, s.skipped) == (6, 0, 0)
+    assert not any((tmp_path / "c-ray" / "checkpoints").iterdir())  # recorded: the driver removed them
     key = ["backbone", "task", "seed", "metric"]
     local = _rows(tmp_path / "local.db").sort_values(key).reset_index(drop=True)
     remote = _rows(tmp_path / "ray.db").sort_values(key).reset_index(drop=True)

@@ -335,6 +335,10 @@ def run(
     model.load_state_dict(best["state"])
     out, y = evaluate_model(model, test, options, description="test")
     metrics, predictions = _score(out, y, data)
+    if "setting" not in predictions:  # which model scored them (the report's bootstrap reads this column)
+        predictions["setting"] = np.full(
+            len(predictions["index"]), f"lr={best['lr']:g},epoch={best['epoch']}"
+        )
     info.update(
         lr=best["lr"], epoch=best["epoch"], val_score=best["score"], val_by_lr=sweep, history=best["history"],
         batch_size=best["batch_size"], img_per_s=best["img_per_s"], n_test=len(test),
