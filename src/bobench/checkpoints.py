@@ -2,6 +2,7 @@
 
 Files are written to a temporary name, fsynced and renamed (a kill leaves the previous checkpoint
 whole), and read back with ``torch.load(weights_only=True)``: a checkpoint never runs pickled code.
+Under DDP only rank 0 writes (the ranks hold the same state) and every rank reads.
 """
 
 from __future__ import annotations
@@ -22,12 +23,20 @@ class Checkpoints:
 
     Args:
         folder: where the files live (created on first save).
-        writer: whether this process writes (only rank 0 under DDP); every rank reads.
+        writer: whether this process writes; None (default): rank 0 of the process group does (any
+            process without one). Every rank reads.
     """
 
-    def __init__(self, folder: str | os.PathLike, *, writer: bool = True) -> None:
+    def __init__(self, folder: str | os.PathLike, *, writer: bool | None = None) -> None:
         self.folder = Path(folder)
-        self.writer = writer
+        self._writer = writer
+
+    @property
+    def writer(self) -> bool:
+        """Whether :meth:`save` and :meth:`clear` act in this process (asked when they run)."""
+        from bobench.distributed import is_main
+
+        return is_main() if self._writer is None else self._writer
 
     def path(self, name: str = "last") -> Path:
         return self.folder / f"{name}.pt"

@@ -13,6 +13,12 @@ that are not on disk; the cells they block are recorded as failed with that caus
 
 Executors decide where a group runs (:mod:`bobench.executors`); the driver process is the single writer
 of the results store, whatever the executor.
+
+Under ``torchrun`` (``--nproc N``, :mod:`bobench.distributed`) every rank plans; rank 0 alone reads the
+store, runs the preflight and hands the cells to run to the others (:func:`share_cells`); every rank
+runs them in the same order (trained cells together, in DDP; frozen cells each); rank 0 alone records.
+After each trained cell the ranks agree on its outcome (a cell that failed on any rank is recorded as
+failed, with that rank's error); a rank that left lockstep ends the launch (``RankFailure``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bobench import distributed
 from bobench.cells import CellOutcome, PlannedCell, WorkGroup, failed
 from bobench.options import RunOptions
 from bobench.preflight import Preflight
@@ -150,11 +157,50 @@ def validate_backbones(backbones: Sequence[str]) -> None:
         check_name(name)
 
 
+def share_cells(cells: Sequence[PlannedCell] | None, planned: Sequence[PlannedCell]) -> list[PlannedCell]:
+    """Rank 0's ``cells`` to run, as every rank's own planned cells (``cells`` itself without torchrun).
+
+    Rank 0 passes what it will run (``[]``: nothing, e.g. a dry run; whenever the other ranks wait
+    here), the other ranks pass None and find the same cells in their own ``planned``.
+
+    Raises:
+        RankFailure: a rank did not plan a cell rank 0 hands out (on every rank).
+    """
+    rank, world = distributed.rank_world()
+    if world == 1:
+        return list(cells or [])
+    hashes = distributed.broadcast_object([pc.cell.config_hash for pc in cells or []] if rank == 0 else None)
+    mine = {pc.cell.config_hash: pc for pc in planned}
+    if not all(distributed.agree("share cells", all(h in mine for h in hashes))):
+        raise distributed.RankFailure(
+            "the ranks planned different cells (were they given different tasks, paths or bobench versions?)"
+        )
+    return [mine[h] for h in hashes]
+
+
+def _settle(out: CellOutcome) -> CellOutcome:
+    """Under DDP, one outcome of a trained cell on every rank: ok only if it was ok on every rank."""
+    oks = distributed.agree(f"cell {out.planned.cell.config_hash} done", out.status == "ok")
+    if all(oks):
+        return out
+    errors = distributed.gather_objects((out.cause, out.error))  # every rank knows one failed
+    if out.status != "ok":
+        return out
+    r = oks.index(False)
+    common = {
+        "card": out.card,
+        "device": out.device,
+        "dtype": out.dtype,
+        "checkpoint_dir": out.checkpoint_dir,
+    }
+    return failed(out.planned, errors[r][0], f"failed on rank {r}: {errors[r][1]}", **common)
+
+
 def run_battle(
     backbones: Sequence[str],
     tasks: Sequence[str | TaskConfig],
     *,
-    store: ResultStore,
+    store: ResultStore | None,
     cache_dir: str | Path | None = None,
     options: RunOptions | None = None,
     seeds: Sequence[int] | None = None,
@@ -169,7 +215,8 @@ def run_battle(
 
     Args:
         backbones: zoo names or specs. tasks: names, paths or configs. seeds: override task seeds.
-        store: the results store (this process is its only writer).
+        store: the results store (this process is its only writer); None on the ranks other than 0 of
+            a torchrun launch, which run the cells rank 0 hands out and record nothing.
         cache_dir: feature cache root (default ``~/.cache/bobench/features``).
         options: device, precision, batch size, workers (never part of a cell's identity).
         executor: ``local`` (in-process, the default) or ``ray`` (one Ray task per backbone).
@@ -186,34 +233,59 @@ def run_battle(
     Raises:
         UnknownNameError: a backbone name that names nothing. TaskError: an unknown task or a missing
             path placeholder. Both before any work.
+        RankFailure: under torchrun, the ranks left lockstep (see :mod:`bobench.distributed`).
     """
     from bobench.executors import get_executor
     from bobench.features import FeatureStore
     from bobench.preflight import check
+    from bobench.protocols import protocol_kind
 
     t0 = time.perf_counter()
+    rank, world = distributed.rank_world()
+    if rank == 0 and store is None:
+        raise ValueError(
+            "run_battle needs a store (only the ranks other than 0 of a torchrun run go without)"
+        )
+    if world > 1 and executor != "local":
+        raise ValueError(
+            f"under torchrun (--nproc) cells run in the launched processes: no --executor {executor}"
+        )
     options = options or RunOptions()
     cache = str(cache_dir) if cache_dir is not None else str(FeatureStore().root)
     planned = plan(backbones, tasks, seeds, paths)
     validate_backbones(backbones)
-    pending_cells = [pc for pc in planned if force or not store.has_result(pc.cell)]
-    if preflight is True:
+    # rank 0 alone reads the store and records; the others get their cells from share_cells()
+    pending_cells = [pc for pc in planned if force or not store.has_result(pc.cell)] if rank == 0 else []
+    if preflight is True and rank == 0:
         loaded = list({pc.task.name: pc.task for pc in pending_cells}.values())
         preflight = check(list(dict.fromkeys(pc.backbone for pc in pending_cells)), loaded, paths=paths)
-    summary = BattleSummary(planned, skipped=len(planned) - len(pending_cells))
+    summary = BattleSummary(planned, skipped=len(planned) - len(pending_cells) if rank == 0 else 0)
     summary.preflight = preflight or None
-    pending: dict[str, list[PlannedCell]] = {}
+    runnable = []
     for pc in pending_cells:
         blocker = preflight.blocker(pc.backbone, pc.task) if preflight else None
         if blocker is None:
-            pending.setdefault(pc.backbone, []).append(pc)
+            runnable.append(pc)
             continue
         out = failed(pc, f"{blocker.kind} {blocker.subject}", blocker.message())
         record(store, out)
         summary.blocked += 1
         summary.failures.append(out)
+    pending: dict[str, list[PlannedCell]] = {}
+    for pc in share_cells(runnable if rank == 0 else None, planned):
+        pending.setdefault(pc.backbone, []).append(pc)
+    if rank != 0:
+        options = options.replace(progress=False)
     groups = [WorkGroup(bb, tuple(cells), options, cache) for bb, cells in pending.items()]
     for out in get_executor(executor)(groups, **(executor_options or {})):
+        left = None
+        if world > 1 and protocol_kind(out.planned.task.protocol) == "trained":
+            left = distributed.out_of_step()  # then others may wait in a collective: no agreeing
+            out = out if left else _settle(out)
+        if rank != 0:
+            if left:
+                raise distributed.RankFailure(f"rank {rank} left lockstep in {out.planned.task.name}: {left}")
+            continue
         record(store, out)  # the driver is the single writer
         if out.status == "ok" and out.checkpoint_dir:  # recorded: the training state is not needed
             shutil.rmtree(out.checkpoint_dir, ignore_errors=True)
@@ -224,5 +296,10 @@ def run_battle(
             summary.failures.append(out)
         if on_outcome is not None:
             on_outcome(out, summary)
+        if left:
+            raise distributed.RankFailure(
+                f"rank 0 left lockstep in {out.planned.task.name}: {left}; stopping every rank (the cell is "
+                "recorded as failed; rerunning resumes it from its last checkpoint)"
+            )
     summary.wall_time_s = time.perf_counter() - t0
     return summary

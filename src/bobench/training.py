@@ -15,6 +15,14 @@ final weights are equal bit for bit (tested). Checkpoints are written after ever
 epoch at most every ``RunOptions.checkpoint_minutes``, to a temporary name then renamed, and read back
 with ``torch.load(weights_only=True)``.
 
+**Under DDP** (:mod:`bobench.distributed`) rank r of W trains on the r-th W-th of each update's batch
+(the same images one process would use for that update) and the gradients are averaged over ranks, so
+a model without BatchNorm, dropout, drop path or mixup trains as one process does on the same batch,
+up to float summation order (tested). BatchNorm becomes SyncBatchNorm on CUDA and stays per rank on
+the CPU; random draws are per rank. Only rank 0 writes checkpoints; every rank resumes from them, also
+under another world size or micro-batch. Losses are averaged over ranks; every rank evaluates the whole
+val set with rank 0's BatchNorm statistics, and rank 0's score selects the epoch on all of them.
+
 Example:
     >>> trainer = Trainer(model, opt, sched, nn.CrossEntropyLoss(), epochs=3, batch_size=32,
     ...                   options=RunOptions(device="cpu"), seed=0, evaluate=val_top1)
@@ -24,19 +32,19 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from bobench import distributed
 from bobench.checkpoints import Checkpoints
 from bobench.data.errors import worker_errors_unwrapped
 from bobench.device import Placement, resolve_placement
@@ -85,7 +93,7 @@ class TrainResult:
         best_score: that score (None without ``evaluate``). best_epoch: its 0-based epoch.
         history: one dict per epoch: ``epoch``, ``loss`` (mean train loss), ``lr``, ``val``.
         batch_size: the effective batch used (the requested one, clipped to the train set size).
-        img_per_s: training throughput over the epochs this process ran (None when resumed complete).
+        img_per_s: training throughput of all ranks over the epochs run here (None when resumed complete).
         resumed_from: ``(epoch, micro-batch)`` a checkpoint resumed at, or None.
     """
 
@@ -98,11 +106,14 @@ class TrainResult:
     resumed_from: tuple[int, int] | None = None
 
 
-def _dist() -> tuple[int, int]:
-    """``(rank, world size)`` of the initialised process group, ``(0, 1)`` without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+class _Shape(NamedTuple):
+    """How one epoch is cut: ``n`` images, ``batch`` per update (over ranks), ``micro`` per forward."""
+
+    n: int
+    batch: int
+    micro: int
+    accum: int
+    updates: int
 
 
 def _micro_batch(per_rank: int, largest: int, multiple: int = 1) -> int:
@@ -201,14 +212,14 @@ class Trainer:
     def fit(self, dataset: Any) -> TrainResult:
         """Train on ``dataset`` (items ``(image tensor, target)``), resuming from a checkpoint if any.
 
+        Under DDP every rank calls it; training starts with a lockstep check
+        (:func:`bobench.distributed.lockstep`), and an error inside leaves the rank out of step.
+
         Raises:
             ValueError: a checkpoint of another seed or batch size is in the folder, or the train set
                 is smaller than the number of ranks.
         """
-        from bobench.progress import progress_bar
-
-        rank, world = _dist()
-        device = self.placement.device
+        rank, world = distributed.rank_world()
         n = len(dataset)
         step = world * (2 if self.mixup is not None else 1)  # mixup pairs samples within a micro-batch
         batch = min(self.batch_size, n)
@@ -222,19 +233,27 @@ class Trainer:
         seeded = dataset if isinstance(dataset, SeededDataset) else SeededDataset(dataset, self.seed)
         if self.scheduler is not None and not hasattr(self.scheduler, "step_update"):
             self.scheduler = self.scheduler(updates_per_epoch)
+        shape = _Shape(n, batch, micro, accum, updates_per_epoch)
+        if world == 1:
+            return self._train(seeded, shape, rank, world)
+        what = f"{self.description}: seed {self.seed}, {self.epochs} epoch(s), batch {batch}, {n} images"
+        with distributed.lockstep(f"training {what}"):
+            return self._train(seeded, shape, rank, world)
 
+    def _train(self, seeded: SeededDataset, shape: _Shape, rank: int, world: int) -> TrainResult:
+        from bobench.progress import progress_bar
+
+        device = self.placement.device
+        n, batch, micro, accum, updates_per_epoch = shape
+        per_rank = batch // world
         self.model.to(device)
         channels_last = bool(self.options.channels_last)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.placement.precision == "fp16")
         net: nn.Module = self.model
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            net = DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None
-            )
+        if world > 1:  # SyncBatchNorm on CUDA; each rank's gradients are averaged over the ranks
+            ddp = net = distributed.wrap_ddp(self.model, device)
         if self.options.compile:
             net = torch.compile(net)
 
@@ -250,7 +269,9 @@ class Trainer:
                     f"batch {state['batch_size']}); delete the folder to start afresh"
                 )
             self._restore(state)
-            epoch, start_micro, updates = state["epoch"], state["micro"], state["updates"]
+            # saved after an update: the position in updates holds under another micro-batch or world size
+            start_micro = state["micro"] // state.get("accum", accum) * accum
+            epoch, updates = state["epoch"], state["updates"]
             best, history = state["best"], state["history"]
             resumed = (epoch, start_micro)
 
@@ -280,7 +301,7 @@ class Trainer:
                 progress_bar(
                     f"{self.description} epoch {epoch + 1}/{self.epochs}",
                     total=total * micro,
-                    enabled=self.options.progress,
+                    enabled=self.options.progress and rank == 0,
                 ) as bar,
                 worker_errors_unwrapped(),
             ):
@@ -294,7 +315,7 @@ class Trainer:
                     if self.mixup is not None:
                         x, y = self.mixup(x, y)
                     last_micro = (m + 1) % accum == 0
-                    sync = net.no_sync() if world > 1 and not last_micro else nullcontext()
+                    sync = ddp.no_sync() if world > 1 and not last_micro else nullcontext()
                     with sync, self.placement.autocast_context():
                         loss = self.loss_fn(net(x), y)
                     self.scaler.scale(loss / accum).backward()
@@ -305,6 +326,8 @@ class Trainer:
                     bar.advance(len(x), f"loss {losses[-1]:.3f} lr {lr:.2e}")
                     if not last_micro:
                         continue
+                    if world > 1:  # each micro-batch's loss over all ranks: resumes and logs agree
+                        losses[-accum:] = distributed.mean_across(losses[-accum:])
                     self._step()
                     updates += 1
                     if self.scheduler is not None:
@@ -313,15 +336,18 @@ class Trainer:
                     minutes = self.options.checkpoint_minutes
                     due = due or (minutes is not None and time.monotonic() - last_save > 60 * minutes)
                     if self.checkpoints is not None and due and m < total:
-                        self.checkpoints.save(
-                            {**self._state((epoch, m), updates, best, history), "epoch_losses": losses}
-                        )
+                        state_now = self._state((epoch, m), updates, best, history)
+                        self.checkpoints.save({**state_now, "accum": accum, "epoch_losses": losses})
                         last_save = time.monotonic()
                     if self.on_update is not None:
                         self.on_update(updates)
             if self.scheduler is not None:
                 self.scheduler.step(epoch + 1)
+            if world > 1:  # one model on every rank (BatchNorm statistics are rank 0's, as DDP's forward)
+                distributed.sync_buffers(self.model)
             score = self.evaluate(self.model) if self.evaluate is not None else None
+            if world > 1:  # every rank selects the same epoch, whatever its own evaluation said
+                score = distributed.broadcast_object(score)
             record = {
                 "epoch": epoch,
                 "loss": float(np.mean(losses)) if losses else None,
@@ -346,7 +372,7 @@ class Trainer:
             best_epoch=best["epoch"],
             history=history,
             batch_size=batch,
-            img_per_s=seen / wall if seen and wall > 0 else None,
+            img_per_s=seen * world / wall if seen and wall > 0 else None,
             resumed_from=resumed,
         )
 
@@ -362,15 +388,23 @@ class Trainer:
     def _workers(self) -> int:
         if self.options.num_workers is not None:
             return self.options.num_workers
-        return min(8, max(0, (os.cpu_count() or 1) - 1))
+        return distributed.default_workers()
 
 
 def evaluate_model(
     model: nn.Module, dataset: Any, options: RunOptions, *, description: str = "eval"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(outputs [N, ...] float32 on the CPU, targets [N, ...])`` of ``model`` over ``dataset`` in order."""
+    """``(outputs [N, ...] float32 on the CPU, targets [N, ...])`` of ``model`` over ``dataset`` in order.
+
+    Under DDP every rank evaluates the whole of ``dataset`` with the plain module (a DDP wrapper is
+    unwrapped: no collectives, so ranks may evaluate different sets or stop at will); the ranks hold
+    one model, so they get the same outputs.
+    """
     from bobench.progress import progress_bar
 
+    inner = getattr(model, "_orig_mod", model)  # under torch.compile's wrapper
+    if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        model = inner.module
     placement = resolve_placement(options.device, options.precision)
     was_training = model.training
     model.eval()
@@ -378,15 +412,15 @@ def evaluate_model(
         dataset,
         batch_size=options.batch_size,
         shuffle=False,
-        num_workers=options.num_workers
-        if options.num_workers is not None
-        else min(8, max(0, (os.cpu_count() or 1) - 1)),
+        num_workers=options.num_workers if options.num_workers is not None else distributed.default_workers(),
         pin_memory=placement.device.type == "cuda",
     )
     outs, targets = [], []
     with (
         torch.inference_mode(),
-        progress_bar(description, total=len(dataset), enabled=options.progress) as bar,
+        progress_bar(
+            description, total=len(dataset), enabled=options.progress and distributed.is_main()
+        ) as bar,
         worker_errors_unwrapped(),
     ):
         for x, y in loader:

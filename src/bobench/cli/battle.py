@@ -4,6 +4,9 @@ Exit codes a script can rely on: 0 when every cell of this invocation ran and su
 in the database are skipped, not failed), 1 when any cell failed or was blocked by the preflight (all
 are recorded in the database with their errors; rerunning retries only them), 2 for a usage error
 (unknown backbone, task or suite, a missing paths key, a malformed option), reported before any work.
+
+Under torchrun (``--nproc N``) rank 0 does all of this; the other ranks only run the cells rank 0
+hands out (:func:`bobench.runner.share_cells`) and print nothing.
 """
 
 from __future__ import annotations
@@ -62,8 +65,9 @@ def battle(
         UnknownNameError, TaskError, DatasetError: usage errors, before any work (the CLI exits 2).
     """
     from bobench.battle_display import BattleDisplay
+    from bobench.distributed import is_main
     from bobench.preflight import check
-    from bobench.runner import plan, run_battle, validate_backbones
+    from bobench.runner import plan, run_battle, share_cells, validate_backbones
     from bobench.store import ResultStore
     from bobench.task import load_paths, load_task
 
@@ -71,6 +75,12 @@ def battle(
     loaded = [load_task(t, where) for t in tasks]
     validate_backbones(backbones)
     planned = plan(backbones, loaded, seeds)
+    if not is_main():  # a torchrun rank other than 0: run what rank 0 hands out; rank 0 reports
+        run_battle(
+            backbones, loaded, store=None, cache_dir=cache_dir, options=options, seeds=seeds, force=force,
+            preflight=False,
+        )  # fmt: skip
+        return 0
     with ResultStore(db) as store:
         pending = [pc for pc in planned if force or not store.has_result(pc.cell)]
         flight = check(
@@ -96,6 +106,7 @@ def battle(
                 f"dry run: nothing was run; {len(pending) - n_blocked} cell(s) would run, {n_blocked} are "
                 "blocked by the preflight" + ("." if flight.ok else " (exit 1).")
             )
+            share_cells([], planned)  # under torchrun: the other ranks run nothing either
             return 0 if flight.ok else 1
         if strict and not flight.ok:
             typer.secho(
@@ -103,6 +114,7 @@ def battle(
                 fg="red",
                 err=True,
             )
+            share_cells([], planned)
             return 1
         with BattleDisplay(len(planned)) as display:
             summary = run_battle(

@@ -168,14 +168,54 @@ _STRICT = Annotated[
         "(default: record those cells as failed and run the rest).",
     ),
 ]
+_NPROC = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Processes to train on, one GPU each (or CPU processes with --device cpu): reruns this command "
+        "under torchrun; trained cells train together with DDP, only rank 0 records and prints.",
+    ),
+]
+_COMPILE = Annotated[bool, typer.Option("--compile", help="Run trained models through torch.compile.")]
 _EXIT_CODES = (
     "Exit codes: 0 all cells ok (or skipped as already done); 1 some cell failed or was blocked by the "
     "preflight (recorded with its error; rerun to retry only those); 2 usage error, before any work."
 )
 
 
-def _options(device: str, precision: str, batch_size: int, workers: int | None) -> RunOptions:
-    return RunOptions(device=device, precision=precision, batch_size=batch_size, num_workers=workers)
+def _options(
+    device: str, precision: str, batch_size: int, workers: int | None, compile: bool = False
+) -> RunOptions:
+    from bobench.distributed import init_from_env
+
+    device = init_from_env(device)  # under torchrun: join the process group; this rank's GPU
+    return RunOptions(
+        device=device, precision=precision, batch_size=batch_size, num_workers=workers, compile=compile
+    )
+
+
+_argv: list[str] = []  # this process's command line (main() sets it): --nproc reruns it under torchrun
+
+
+def _launch(nproc: int, device: str, backbones: list[str], tasks: list[str], paths: Path | None) -> int:
+    """Check usage here (one clear error, not one per rank), then rerun the command under torchrun."""
+    from bobench.distributed import launch, world
+    from bobench.runner import validate_backbones
+    from bobench.task import load_paths, load_task
+
+    if world()[2] > 1:
+        raise typer.BadParameter("already running under torchrun: drop --nproc", param_hint="--nproc")
+    where = load_paths(paths)
+    for t in tasks:
+        load_task(t, where)
+    validate_backbones(backbones)
+    argv, skip = [], False
+    for arg in _argv or sys.argv[1:]:  # the same command line, without --nproc
+        if skip or arg == "--nproc" or arg.startswith("--nproc="):
+            skip = arg == "--nproc"
+            continue
+        argv.append(arg)
+    return launch(nproc, argv, device)
 
 
 @app.command("run", epilog=_EXIT_CODES)
@@ -193,13 +233,17 @@ def run_cmd(
     paths: _PATHS = None,
     dry_run: _DRY = False,
     strict: _STRICT = False,
+    nproc: _NPROC = 1,
+    compile: _COMPILE = False,
 ) -> None:
     """Run one backbone on one or more tasks."""
+    if nproc > 1 and not dry_run:
+        raise typer.Exit(_launch(nproc, device, [backbone], task, paths))
     rc = battle(
         [backbone],
         task,
         db=db,
-        options=_options(device, precision, batch_size, workers),
+        options=_options(device, precision, batch_size, workers, compile),
         title="run",
         cache_dir=cache_dir,
         force=force,
@@ -233,6 +277,8 @@ def battle_cmd(
         str | None, typer.Option(help="Ray cluster address (auto: a running cluster; default: start one).")
     ] = None,
     max_retries: Annotated[int, typer.Option(help="Ray: retries of a group whose task or worker fails.")] = 1,
+    nproc: _NPROC = 1,
+    compile: _COMPILE = False,
 ) -> None:
     """Run a suite (or --backbones x --tasks), skipping finished cells, and print the leaderboard.
 
@@ -248,11 +294,15 @@ def battle_cmd(
     s = load_suite(suite) if suite else None
     bbs = _split(backbones) or list(s.backbones)
     ts = _split(tasks) or list(s.tasks)
+    if nproc > 1 and executor != "local":
+        raise typer.BadParameter("--nproc runs every process on this machine: use --executor local")
+    if nproc > 1 and not dry_run:
+        raise typer.Exit(_launch(nproc, device, bbs, ts, paths))
     rc = battle(
         bbs,
         ts,
         db=db,
-        options=_options(device, precision, batch_size, workers),
+        options=_options(device, precision, batch_size, workers, compile),
         title=s.name if s else "battle",
         cache_dir=cache_dir,
         force=force,
@@ -295,20 +345,30 @@ def main(argv: list[str] | None = None) -> int:
 
     Set ``BOBENCH_DEBUG=1`` to see full tracebacks instead.
     """
+    from bobench.distributed import exit_code
+
+    _argv[:] = sys.argv[1:] if argv is None else list(argv)
+    return exit_code(*_dispatch(argv))
+
+
+def _dispatch(argv: list[str] | None) -> tuple[int, bool]:
+    """``(exit code, whether the command completed)``: False for an error or an interruption."""
     from click.exceptions import Exit
+
+    from bobench.distributed import RankFailure, world
 
     try:
         # without standalone mode click returns a command's typer.Exit code instead of raising it
         rc = app(args=argv, standalone_mode=False)
         if isinstance(rc, int):
-            return rc
+            return rc, True
     except Exit as exc:
-        return exc.exit_code
+        return exc.exit_code, True
     except SystemExit as exc:
-        return int(exc.code or 0)
+        return int(exc.code or 0), True
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        return 130
+        return 130, False
     except Exception as exc:
         import click
 
@@ -318,12 +378,13 @@ def main(argv: list[str] | None = None) -> int:
             getattr(exc, "show", None)
         ):
             exc.show()
-            return int(getattr(exc, "exit_code", 2))
+            return int(getattr(exc, "exit_code", 2)), False
         if os.environ.get("BOBENCH_DEBUG"):
             raise
-        typer.secho(f"error: {exc}", err=True, fg="red")
-        return 2
-    return 0
+        rank, _, size = world()
+        typer.secho(f"{f'[rank {rank}] ' if size > 1 else ''}error: {exc}", err=True, fg="red")
+        return (1 if isinstance(exc, RankFailure) else 2), False
+    return 0, True
 
 
 if __name__ == "__main__":
