@@ -106,10 +106,13 @@ def test_exit_0_when_all_ok_and_1_when_a_cell_fails(tmp_path: Path, knn: Path) -
         ),
         (("battle", "--suite", "demoo"), "unknown suite 'demoo'"),
         (("run", "-b", "random/mobilenetv2_100", "-t", "patches13-knn", "--batch-size", "0"), "batch-size"),
+        (("run", "-b", "random/mobilenetv2_100", "-t", "TASKDIR/typo.yaml"), "Did you mean: num_C"),
     ],
 )
 def test_usage_errors_exit_2_before_any_work(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     db = tmp_path / "r.db"
+    (tmp_path / "typo.yaml").write_text("version: 1\ndataset: digits\nprotocol: linear\nparams: {numC: 3}\n")
+    args = tuple(a.replace("TASKDIR", str(tmp_path)) for a in args)
     proc = run(*args, "--db", str(db))
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
@@ -211,3 +214,10 @@ def test_every_hinted_command_exists(tmp_path: Path) -> None:
         assert proc.returncode == 0 and "Usage:" in proc.stdout, (hint, proc.stderr)
     for listing in ("backbones list", "tasks list", "tasks suites", "datasets list"):
         assert run(*listing.split()).returncode == 0, listing
+
+
+def test_every_built_in_task_has_valid_parameters() -> None:
+    from bobench.runner import validate_tasks
+    from bobench.task import list_tasks, load_task
+
+    validate_tasks([load_task(t["name"]) for t in list_tasks()])  # raises naming the task and the key

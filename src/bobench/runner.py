@@ -157,6 +157,26 @@ def validate_backbones(backbones: Sequence[str]) -> None:
         check_name(name)
 
 
+def validate_tasks(tasks: Sequence[TaskConfig]) -> None:
+    """Check every task's protocol parameters before any work (the protocol's own check).
+
+    Raises:
+        TaskError: naming the task and the bad parameter (a usage error: the CLI exits 2).
+    """
+    from bobench.protocols import PROTOCOLS
+    from bobench.registry import import_target
+    from bobench.task import TaskError
+
+    for task in {t.name: t for t in tasks}.values():
+        check = PROTOCOLS[task.protocol].meta.get("params")
+        if not check:
+            continue
+        try:
+            import_target(check)(dict(task.params))
+        except (ValueError, TypeError) as exc:
+            raise TaskError(f"task {task.name}: {exc}") from None
+
+
 def share_cells(cells: Sequence[PlannedCell] | None, planned: Sequence[PlannedCell]) -> list[PlannedCell]:
     """Rank 0's ``cells`` to run, as every rank's own planned cells (``cells`` itself without torchrun).
 
@@ -253,6 +273,7 @@ def run_battle(
     options = options or RunOptions()
     cache = str(cache_dir) if cache_dir is not None else str(FeatureStore().root)
     planned = plan(backbones, tasks, seeds, paths)
+    validate_tasks([pc.task for pc in planned])
     validate_backbones(backbones)
     # rank 0 alone reads the store and records; the others get their cells from share_cells()
     pending_cells = [pc for pc in planned if force or not store.has_result(pc.cell)] if rank == 0 else []

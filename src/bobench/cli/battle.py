@@ -67,12 +67,13 @@ def battle(
     from bobench.battle_display import BattleDisplay
     from bobench.distributed import is_main
     from bobench.preflight import check
-    from bobench.runner import plan, run_battle, share_cells, validate_backbones
+    from bobench.runner import plan, run_battle, share_cells, validate_backbones, validate_tasks
     from bobench.store import ResultStore
     from bobench.task import load_paths, load_task
 
     where = load_paths(paths)
     loaded = [load_task(t, where) for t in tasks]
+    validate_tasks(loaded)
     validate_backbones(backbones)
     planned = plan(backbones, loaded, seeds)
     if not is_main():  # a torchrun rank other than 0: run what rank 0 hands out; rank 0 reports

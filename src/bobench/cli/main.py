@@ -200,14 +200,13 @@ _argv: list[str] = []  # this process's command line (main() sets it): --nproc r
 def _launch(nproc: int, device: str, backbones: list[str], tasks: list[str], paths: Path | None) -> int:
     """Check usage here (one clear error, not one per rank), then rerun the command under torchrun."""
     from bobench.distributed import launch, world
-    from bobench.runner import validate_backbones
+    from bobench.runner import validate_backbones, validate_tasks
     from bobench.task import load_paths, load_task
 
     if world()[2] > 1:
         raise typer.BadParameter("already running under torchrun: drop --nproc", param_hint="--nproc")
     where = load_paths(paths)
-    for t in tasks:
-        load_task(t, where)
+    validate_tasks([load_task(t, where) for t in tasks])
     validate_backbones(backbones)
     argv, skip = [], False
     for arg in _argv or sys.argv[1:]:  # the same command line, without --nproc

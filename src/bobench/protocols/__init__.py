@@ -18,13 +18,32 @@ from bobench.registry import Registry
 PROTOCOLS = Registry("protocol")
 # accepts_metrics: the runner passes the task's registered metric names as params["metrics"] (the
 # protocol computes only those)
+# params: the protocol's parameter check, run on every task before any work (a typo is a usage error)
 _FROZEN = {"kind": "frozen", "needs": "pooled features"}
-PROTOCOLS.register("linear", "bobench.protocols.linear:run", accepts_metrics=True, **_FROZEN)
-PROTOCOLS.register("knn", "bobench.protocols.knn:run", **_FROZEN)
-PROTOCOLS.register("fewshot", "bobench.protocols.fewshot:run", **_FROZEN)
-PROTOCOLS.register("retrieval", "bobench.protocols.retrieval:run", **_FROZEN)
-PROTOCOLS.register("ood", "bobench.protocols.ood:run", accepts_metrics=True, **_FROZEN)
-PROTOCOLS.register("finetune", "bobench.protocols.finetune:run", kind="trained", needs="images")
+PROTOCOLS.register(
+    "linear", "bobench.protocols.linear:run", accepts_metrics=True,
+    params="bobench.protocols.linear:resolve_params", **_FROZEN,
+)  # fmt: skip
+PROTOCOLS.register(
+    "knn", "bobench.protocols.knn:run", params="bobench.protocols.knn:resolve_params", **_FROZEN
+)
+PROTOCOLS.register(
+    "fewshot", "bobench.protocols.fewshot:run", params="bobench.protocols.fewshot:resolve_params", **_FROZEN
+)
+PROTOCOLS.register(
+    "retrieval",
+    "bobench.protocols.retrieval:run",
+    params="bobench.protocols.retrieval:resolve_params",
+    **_FROZEN,
+)
+PROTOCOLS.register(
+    "ood", "bobench.protocols.ood:run", accepts_metrics=True,
+    params="bobench.protocols.linear:resolve_params", **_FROZEN,
+)  # fmt: skip
+PROTOCOLS.register(
+    "finetune", "bobench.protocols.finetune:run", kind="trained", needs="images",
+    params="bobench.protocols.finetune:resolve_params",
+)  # fmt: skip
 
 
 def protocol_kind(name: str) -> str:

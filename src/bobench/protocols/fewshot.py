@@ -130,7 +130,7 @@ def run(
         ValueError: an unknown or invalid parameter (named), a negative seed.
         TooFewSamplesError: no shot count can be drawn.
     """
-    p = _validate(params)
+    p = resolve_params(params)
     if seed < 0:
         raise ValueError(f"few-shot seed must be >= 0, got {seed}")
     t0 = time.perf_counter()
@@ -185,7 +185,7 @@ def run(
 # -- internals ----------------------------------------------------------------------------------------
 
 
-def _validate(params: Mapping[str, Any]) -> dict[str, Any]:
+def resolve_params(params: Mapping[str, Any]) -> dict[str, Any]:
     check_param_keys(params, list(DEFAULT_PARAMS), "few-shot")
     p = {**DEFAULT_PARAMS, **params}
     shots = p["shots"]
