@@ -125,6 +125,7 @@ def _worker(rank: int, tmp: Path) -> None:
     distributed.barrier()  # copied before the resumed run writes again
     resumed_model = _model()
     resumed = _fit(resumed_model, OPTS.replace(batch_size=4), ck)
+    distributed.barrier()  # rank 0 may still be writing its last checkpoint when rank 1 returns
     torch.save({"state": cpu_state(resumed_model), "from": resumed.resumed_from,
                 "writer": Checkpoints(ck).writer, "files": sorted(p.name for p in ck.iterdir())},
                tmp / f"resume-{rank}.pt")  # fmt: skip
