@@ -103,12 +103,12 @@ def test_layer_decay_scales_the_lr_per_layer_group() -> None:
 
 def test_mixup_targets_sum_to_one() -> None:
     p = finetune.resolve_params({})
-    loss, mix = finetune._loss_and_mixup(p, n_classes=13, multilabel=False)
+    loss, mix = finetune.loss_and_mixup(p, n_classes=13, multilabel=False)
     x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 13
     _, ym = mix(x, y)
     assert ym.shape == (8, 13) and torch.allclose(ym.sum(1), torch.ones(8))
     assert float(loss(torch.randn(8, 13), ym)) > 0
-    _, none = finetune._loss_and_mixup({**p, "mixup": 0.0, "cutmix": 0.0}, 13, False)
+    _, none = finetune.loss_and_mixup({**p, "mixup": 0.0, "cutmix": 0.0}, 13, False)
     assert none is None
 
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from bobench.checkpoints import Checkpoints
 from bobench.options import RunOptions
-from bobench.training import Trainer, seed_for
+from bobench.seeding import seed_for
+from bobench.training import Trainer
 
 OPTS = RunOptions(device="cpu", num_workers=0, progress=False, checkpoint_minutes=None)
 
@@ -145,3 +146,21 @@ def test_checkpoints_are_atomic_and_load_without_pickle(tmp_path: Path) -> None:
 def test_seed_for_is_stable() -> None:
     assert seed_for(1, "order", 0) == seed_for(1, "order", 0) != seed_for(1, "order", 1)
     assert 0 <= seed_for("x") < 2**63
+
+
+def test_seed_all_on_the_cpu_draws_as_torch_manual_seed() -> None:
+    """The cheap CPU-only seeding (per sample, per step) gives the streams torch.manual_seed gives."""
+    import random
+
+    from bobench.seeding import seed_all
+
+    def draws() -> tuple:
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    seed = seed_for(3, "sample", 1, 17)
+    seed_all(seed)
+    everywhere = draws()
+    seed_all(seed, torch.device("cpu"))
+    assert draws() == everywhere
+    seed_all(seed + 1, torch.device("cpu"))
+    assert draws() != everywhere

@@ -22,10 +22,15 @@ if TYPE_CHECKING:
 
 
 class Advance(Protocol):
+    #: whether anything is drawn (a caller can skip computing a note nobody sees)
+    shown: bool
+
     def advance(self, n: int, note: str = "") -> None: ...
 
 
 class _Null:
+    shown = False
+
     def advance(self, n: int, note: str = "") -> None:
         pass
 
@@ -78,17 +83,22 @@ def make_progress(console: Console | None = None) -> Progress:
 class _TaskBar:
     """One task of a rich ``Progress``, advanced by count, showing the rate in ``unit``/s."""
 
+    shown = True
+
     def __init__(self, progress: Progress, task: int, unit: str) -> None:
         self._progress, self._task, self._unit = progress, task, unit
+        self._note = ""
 
     def advance(self, n: int, note: str = "") -> None:
-        """Advance by ``n``; ``note`` (e.g. ``loss 0.53 lr 1e-3``) is shown after the rate."""
+        """Advance by ``n``; ``note`` (e.g. ``loss 0.53 lr 1e-3``) is shown after the rate until the
+        next non-empty note replaces it."""
         self._progress.advance(self._task, n)
+        self._note = note or self._note
         # look the task up by id: a routed Progress removes finished tasks, so ids are not list indices
         speed = next((t.speed for t in self._progress.tasks if t.id == self._task), None)
-        if speed or note:
+        if speed or self._note:
             rate = f"{speed:.1f} {self._unit}/s" if speed else ""
-            self._progress.update(self._task, rate=f"{rate} {note}".strip())
+            self._progress.update(self._task, rate=f"{rate} {self._note}".strip())
 
 
 # The Progress that bars are routed into while a display is live (None: each bar draws itself).

@@ -31,8 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -42,45 +40,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from bobench import distributed
 from bobench.checkpoints import Checkpoints
 from bobench.data.errors import worker_errors_unwrapped
 from bobench.device import Placement, resolve_placement
 from bobench.options import RunOptions
-
-
-def seed_for(*parts: Any) -> int:
-    """A 63-bit seed that is a pure function of ``parts`` (stable across processes and runs)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def seed_all(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators (the ones augmentations and mixup use)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-class SeededDataset(Dataset):
-    """``dataset`` whose item ``i`` in epoch ``epoch`` is drawn under the seed ``(seed, epoch, i)``.
-
-    Random augmentations then depend only on the sample and the epoch, not on the worker process that
-    loads it nor on where an interrupted epoch resumed. Set :attr:`epoch` before each epoch's loader is
-    made (workers receive a copy of the dataset when the loader's iterator starts).
-    """
-
-    def __init__(self, dataset: Any, seed: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> Any:
-        seed_all(seed_for(self.seed, "sample", self.epoch, int(i)))
-        return self.dataset[i]
+from bobench.seeding import SeededDataset, seed_all, seed_for
 
 
 @dataclass
@@ -307,7 +274,7 @@ class Trainer:
             ):
                 bar.advance(start_micro * micro)
                 for x, y in loader:
-                    seed_all(seed_for(self.seed, "step", epoch, m, rank))  # mixup and drop path draws
+                    seed_all(seed_for(self.seed, "step", epoch, m, rank), device)  # mixup, drop path
                     x = x.to(device, non_blocking=True)
                     if channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
@@ -319,15 +286,18 @@ class Trainer:
                     with sync, self.placement.autocast_context():
                         loss = self.loss_fn(net(x), y)
                     self.scaler.scale(loss / accum).backward()
-                    losses.append(float(loss.detach()))
+                    # kept on the device: reading it back every step would wait for the GPU
+                    losses.append(loss.detach())
                     m += 1
                     seen += len(x)
                     lr = self.optimizer.param_groups[-1]["lr"]
-                    bar.advance(len(x), f"loss {losses[-1]:.3f} lr {lr:.2e}")
+                    # the loss in the bar: every step on the CPU, every 10th on an accelerator
+                    note = bar.shown and (device.type == "cpu" or m % 10 == 0)
+                    bar.advance(len(x), f"loss {float(losses[-1]):.3f} lr {lr:.2e}" if note else "")
                     if not last_micro:
                         continue
                     if world > 1:  # each micro-batch's loss over all ranks: resumes and logs agree
-                        losses[-accum:] = distributed.mean_across(losses[-accum:])
+                        losses[-accum:] = distributed.mean_across([float(v) for v in losses[-accum:]])
                     self._step()
                     updates += 1
                     if self.scheduler is not None:
@@ -337,6 +307,7 @@ class Trainer:
                     due = due or (minutes is not None and time.monotonic() - last_save > 60 * minutes)
                     if self.checkpoints is not None and due and m < total:
                         state_now = self._state((epoch, m), updates, best, history)
+                        losses = [float(v) for v in losses]
                         self.checkpoints.save({**state_now, "accum": accum, "epoch_losses": losses})
                         last_save = time.monotonic()
                     if self.on_update is not None:
@@ -350,7 +321,7 @@ class Trainer:
                 score = distributed.broadcast_object(score)
             record = {
                 "epoch": epoch,
-                "loss": float(np.mean(losses)) if losses else None,
+                "loss": float(np.mean([float(v) for v in losses])) if losses else None,
                 "lr": lr,
                 "val": score,
             }

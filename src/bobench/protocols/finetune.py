@@ -187,18 +187,20 @@ def _splits(data: TrainData, p: dict[str, Any], seed: int) -> tuple[Any, Any, di
     return Subset(train, index.tolist()) if len(index) != len(train) else train, val, info
 
 
-def _with_transform(ds: Any, transform: Any) -> Any:
+def with_transform(ds: Any, transform: Any) -> Any:
     """A shallow copy of an ImageDataset (or a Subset of one) that applies ``transform``."""
     from torch.utils.data import Subset
 
     if isinstance(ds, Subset):
-        return Subset(_with_transform(ds.dataset, transform), ds.indices)
+        return Subset(with_transform(ds.dataset, transform), ds.indices)
     out = copy.copy(ds)
     out.transform = transform
     return out
 
 
-def _train_transform(backbone: Any, p: dict[str, Any], image_size: int | None) -> Any:
+def train_transform(backbone: Any, p: dict[str, Any], image_size: int | None) -> Any:
+    """timm's training transform for ``backbone`` under recipe ``p`` (crop scale, jitter, RandAugment,
+    random erasing), with the backbone's own input size, interpolation and normalisation."""
     from timm.data import create_transform
 
     pre = backbone.preprocess(train=True, image_size=image_size)
@@ -215,7 +217,9 @@ def _train_transform(backbone: Any, p: dict[str, Any], image_size: int | None) -
     )
 
 
-def _loss_and_mixup(p: dict[str, Any], n_classes: int, multilabel: bool):
+def loss_and_mixup(p: dict[str, Any], n_classes: int, multilabel: bool) -> tuple[nn.Module, Any]:
+    """The recipe's loss and its timm ``Mixup`` (``None`` without mixup/cutmix, or for multi-label:
+    BCE on the raw labels), with label smoothing inside Mixup's soft targets or in the loss."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -271,23 +275,24 @@ def run(
 
     from bobench.backbones.layers import set_drop_path
     from bobench.checkpoints import Checkpoints
-    from bobench.training import Trainer, cpu_state, evaluate_model, seed_all, seed_for
+    from bobench.seeding import seed_all, seed_for
+    from bobench.training import Trainer, cpu_state, evaluate_model
 
     p = resolve_params(params)
     options = options or RunOptions()
     if options.channels_last is None:
         options = options.replace(channels_last=bool(backbone.prefers_channels_last))
     train, val, info = _splits(data, p, seed)
-    train = _with_transform(train, _train_transform(backbone, p, data.image_size))
+    train = with_transform(train, train_transform(backbone, p, data.image_size))
     eval_tf = backbone.transform(train=False, image_size=data.image_size)
-    val, test = _with_transform(val, eval_tf), _with_transform(data.test, eval_tf)
+    val, test = with_transform(val, eval_tf), with_transform(data.test, eval_tf)
     info["drop_path_slots"] = (
         set_drop_path(backbone, p["drop_path"]) if p["drop_path"] and not p["frozen_backbone"] else 0
     )
     seed_all(seed_for(seed, "head"))
     model = Classifier(backbone, data.n_classes, frozen=p["frozen_backbone"])
     initial = cpu_state(model)
-    loss_fn, mixup = _loss_and_mixup(p, data.n_classes, data.multilabel)
+    loss_fn, mixup = loss_and_mixup(p, data.n_classes, data.multilabel)
     layer_decay = (
         p["layer_decay"] if p["layer_decay"] not in (None, 1.0) and not p["frozen_backbone"] else None
     )
