@@ -81,6 +81,29 @@ def test_lr_sweep_is_selected_on_val_and_test_scored_once(tmp_path: Path) -> Non
     assert boot.attrs["resampling"]["digits-ft:top1"]["predictions"] == ["random/timm:test_vit", "twin"]
 
 
+def test_a_corrupt_image_met_while_training_fails_the_cell_naming_the_file_and_fix(tmp_path: Path) -> None:
+    from bobench import load_dataset
+
+    digits = load_dataset("digits", split="train")
+    root = tmp_path / "folder"
+    for i in range(40):
+        folder = root / digits.classes[int(digits.targets[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        digits.load_image(i).save(folder / f"{i}.png")
+    (root / digits.classes[0] / "broken.png").write_bytes(b"not a png")  # found when training reads it
+    spec = f"imagefolder:{root}"
+    task = _task(
+        tmp_path, "folder-ft", {**FAST, "epochs": 1, "batch_size": 8}, dataset=spec, splits=["train", "test"]
+    )
+    with ResultStore(tmp_path / "r.db") as store:
+        s = run_battle(["random/timm:test_vit"], [task], store=store, cache_dir=tmp_path / "c", options=OPTS)
+    assert (s.done, s.failed) == (0, 1)
+    out = s.failures[0]
+    assert out.cause == f"dataset {spec}"  # grouped with the dataset's other failures, not the task's
+    assert "broken.png" in out.error and "skip_bad_images=true" in out.error
+    assert _rows(tmp_path / "r.db")["status"].tolist() == ["failed"]
+
+
 def test_layer_decay_scales_the_lr_per_layer_group() -> None:
     from timm.optim import create_optimizer_v2
 

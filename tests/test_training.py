@@ -164,3 +164,38 @@ def test_seed_all_on_the_cpu_draws_as_torch_manual_seed() -> None:
     assert draws() == everywhere
     seed_all(seed + 1, torch.device("cpu"))
     assert draws() != everywhere
+
+
+class DictTargets(torch.utils.data.Dataset):
+    """Blobs with the label inside a dict, as detection datasets give their targets."""
+
+    def __init__(self) -> None:
+        self.blobs = Blobs()
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, i: int):
+        x, y = self.blobs[i]
+        return x, {"label": torch.tensor(y)}
+
+
+def test_custom_forward_loss_and_collate_train_the_same_model() -> None:
+    """A model that computes its own loss from list batches (the detection path) trains exactly as
+    the default ``loss_fn(net(x), y)`` path on the same samples, draws and updates."""
+    ce = nn.CrossEntropyLoss()
+
+    def collate(items: list) -> tuple:
+        images, targets = zip(*items, strict=True)
+        return list(images), list(targets)
+
+    def forward_loss(net: nn.Module, images: list, targets: list) -> torch.Tensor:
+        assert isinstance(images, list) and isinstance(targets[0], dict)  # moved, structure kept
+        return ce(net(torch.stack(images)), torch.stack([t["label"] for t in targets]))
+
+    plain, custom = _model(), _model()
+    _trainer(plain, None).fit(Blobs())
+    _trainer(custom, None, forward_loss=forward_loss, collate_fn=collate).fit(DictTargets())
+    for k, v in plain.state_dict().items():
+        assert torch.equal(custom.state_dict()[k], v), k
+    assert not torch.equal(_model().state_dict()["0.weight"], plain.state_dict()["0.weight"])  # it trained

@@ -80,10 +80,14 @@ def run_trained(pc: PlannedCell, group: WorkGroup) -> CellOutcome:
         if pc.task.primary not in {m.name for m in result.metrics}:
             raise ValueError(f"task {pc.task.name}: primary metric {pc.task.primary!r} not produced")
     except Exception as exc:
+        from bobench.data import DatasetError
+
         wall = time.perf_counter() - t0
+        # an unreadable image met while training is the dataset's fault, grouped with its other cells
+        cause = f"dataset {pc.task.dataset}" if isinstance(exc, DatasetError) else f"task {pc.task.name}"
         return failed(
             pc,
-            f"task {pc.task.name}",
+            cause,
             error_text(exc),
             wall_time_s=wall,
             checkpoint_dir=str(folder),

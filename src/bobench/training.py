@@ -92,6 +92,21 @@ def _micro_batch(per_rank: int, largest: int, multiple: int = 1) -> int:
     return per_rank
 
 
+def to_device(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """``obj`` with every tensor inside (tensors, lists, tuples, dicts: a detection batch is a tuple of
+    images and a tuple of target dicts) moved to ``device``; 4-d tensors made channels_last on request."""
+    if isinstance(obj, torch.Tensor):
+        obj = obj.to(device, non_blocking=True)
+        if channels_last and obj.dim() == 4:
+            obj = obj.contiguous(memory_format=torch.channels_last)
+        return obj
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, channels_last) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_device(v, device, channels_last) for v in obj)
+    return obj
+
+
 def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of ``model.state_dict()``."""
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -106,7 +121,7 @@ class Trainer:
         scheduler: a timm scheduler (``step_update(num_updates)`` after every optimizer update,
             ``step(epoch)`` after every epoch), a function ``updates_per_epoch -> scheduler`` (the number
             is only known once the train set is), or None.
-        loss_fn: ``(outputs, targets) -> scalar loss``.
+        loss_fn: ``(outputs, targets) -> scalar loss``; unused when ``forward_loss`` is given.
         epochs: total epochs. batch_size: effective batch (over accumulation and ranks).
         options: device, precision, micro-batch (``batch_size``), workers, channels_last, compile,
             checkpoint_minutes.
@@ -120,6 +135,11 @@ class Trainer:
         checkpoint_every: also checkpoint after every N optimizer updates (tests; None: by time only).
         on_update: called with the number of updates after each one is done and checkpointed.
         description: the progress bar's label.
+        forward_loss: ``(net, inputs, targets) -> scalar loss`` for one micro-batch, for models that
+            compute their own losses (torchvision's detectors take ``(images, targets)`` in training
+            mode and return a dict of losses). Default: ``loss_fn(net(inputs), targets)``.
+        collate_fn: the DataLoader's ``collate_fn`` (detection batches are tuples of differently
+            sized images and target dicts), or None for the default stacking.
     """
 
     def __init__(
@@ -141,6 +161,8 @@ class Trainer:
         checkpoint_every: int | None = None,
         on_update: Callable[[int], None] | None = None,
         description: str = "train",
+        forward_loss: Callable[[nn.Module, Any, Any], torch.Tensor] | None = None,
+        collate_fn: Callable[[list], Any] | None = None,
     ) -> None:
         if epochs < 1 or batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
@@ -150,6 +172,8 @@ class Trainer:
         self.train_mode = train_mode or (lambda m: m.train())
         self.checkpoints, self.checkpoint_every, self.on_update = checkpoints, checkpoint_every, on_update
         self.description = description
+        self.forward_loss = forward_loss or (lambda net, x, y: self.loss_fn(net(x), y))
+        self.collate_fn = collate_fn
         self.placement: Placement = resolve_placement(options.device, options.precision)
 
     # -- state ------------------------------------------------------------------------------------
@@ -257,6 +281,7 @@ class Trainer:
                 shuffle=False,
                 num_workers=self._workers(),
                 pin_memory=device.type == "cuda",
+                collate_fn=self.collate_fn,
             )
             self.train_mode(self.model)
             # a resumed epoch keeps the losses of its first part, so its mean is the whole epoch's
@@ -275,16 +300,13 @@ class Trainer:
                 bar.advance(start_micro * micro)
                 for x, y in loader:
                     seed_all(seed_for(self.seed, "step", epoch, m, rank), device)  # mixup, drop path
-                    x = x.to(device, non_blocking=True)
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    y = y.to(device, non_blocking=True)
+                    x, y = to_device(x, device, channels_last), to_device(y, device)
                     if self.mixup is not None:
                         x, y = self.mixup(x, y)
                     last_micro = (m + 1) % accum == 0
                     sync = ddp.no_sync() if world > 1 and not last_micro else nullcontext()
                     with sync, self.placement.autocast_context():
-                        loss = self.loss_fn(net(x), y)
+                        loss = self.forward_loss(net, x, y)
                     self.scaler.scale(loss / accum).backward()
                     # kept on the device: reading it back every step would wait for the GPU
                     losses.append(loss.detach())
