@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from bobench.data.dense_embedded import list_detection_datasets
+from bobench.data.dense_readers import load_detection_dataset
 from bobench.data.errors import DatasetError
 from bobench.data.loading import list_datasets, load_dataset
 from bobench.data.manifest import IMAGE_EXTENSIONS
@@ -20,6 +22,7 @@ from bobench.data.spec import DatasetSpec
 from bobench.data.splits import SPLITS
 
 if TYPE_CHECKING:
+    from bobench.data.coco import DetectionDataset
     from bobench.data.dataset import ImageDataset
 
 __all__ = [
@@ -27,9 +30,12 @@ __all__ = [
     "SPLITS",
     "DatasetError",
     "DatasetSpec",
+    "DetectionDataset",
     "ImageDataset",
     "list_datasets",
+    "list_detection_datasets",
     "load_dataset",
+    "load_detection_dataset",
 ]
 
 
@@ -38,4 +44,8 @@ def __getattr__(name: str) -> Any:
         from bobench.data.dataset import ImageDataset
 
         return ImageDataset
+    if name == "DetectionDataset":  # likewise
+        from bobench.data.coco import DetectionDataset
+
+        return DetectionDataset
     raise AttributeError(f"module 'bobench.data' has no attribute {name!r}")
