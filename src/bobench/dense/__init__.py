@@ -1,0 +1,1 @@
+"""Dense prediction: necks, detection heads, COCO evaluation."""
