@@ -22,13 +22,15 @@ def checkpoint_root(cache_dir: str | os.PathLike) -> Path:
 
 
 def _data(task):
-    from bobench.data import DatasetError, load_dataset
+    from bobench.data import DatasetError, load_dataset, load_detection_dataset
+    from bobench.protocols import protocol_data
     from bobench.protocols.base import TrainData
 
+    load = load_detection_dataset if protocol_data(task.protocol) == "detection" else load_dataset
     splits = {}
     for split in task.splits:
         try:
-            splits[split] = load_dataset(task.dataset, split=split)
+            splits[split] = load(task.dataset, split=split)
         except DatasetError:
             if split == "val":  # no val split: the protocol holds one out of train
                 splits[split] = None
@@ -46,6 +48,7 @@ def _data(task):
         classes=list(train.classes),
         multilabel=bool(getattr(train, "multilabel", False)),
         image_size=task.image_size,
+        ood={name: load(spec, split="test") for name, spec in task.ood.items()},
     )
 
 

@@ -121,7 +121,9 @@ def _prediction_parts(cell: pd.DataFrame, cache: dict[str, Any]) -> tuple[list |
     for row in cell.itertuples():
         config = parse_config(row.config_json) if hasattr(row, "config_json") else {}
         path = config.get("predictions")
-        if not path:
+        # only accuracies are resampled from predictions (other metrics, e.g. detection AP, keep their
+        # predictions in other columns for re-scoring, not for this bootstrap)
+        if not path or not str(row.metric).startswith("top1"):
             return None, ""
         if path not in cache:
             cache[path] = pd.read_parquet(path, columns=_PRED_COLUMNS) if Path(path).is_file() else None

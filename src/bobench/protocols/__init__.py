@@ -44,11 +44,21 @@ PROTOCOLS.register(
     "finetune", "bobench.protocols.finetune:run", kind="trained", needs="images",
     params="bobench.protocols.finetune:resolve_params",
 )  # fmt: skip
+# data="detection": the datasets are read with bobench.data.load_detection_dataset (COCO-format targets)
+PROTOCOLS.register(
+    "detection", "bobench.protocols.detection:run", kind="trained", needs="images", data="detection",
+    params="bobench.protocols.detection:resolve_params",
+)  # fmt: skip
 
 
 def protocol_kind(name: str) -> str:
     """``"frozen"`` or ``"trained"`` (see the module docstring)."""
     return str(PROTOCOLS[name].meta.get("kind", "frozen"))
+
+
+def protocol_data(name: str) -> str:
+    """How a trained protocol's datasets are read: ``"images"`` (classification) or ``"detection"``."""
+    return str(PROTOCOLS[name].meta.get("data", "images"))
 
 
 def get_protocol(name: str):

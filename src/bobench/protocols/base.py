@@ -130,6 +130,8 @@ class TrainData:
     multilabel: bool = False
     #: the task's input size override (None: the backbone card's)
     image_size: int | None = None
+    #: shifted test sets ``{name: dataset}`` (the task's ``ood``), scored by the trained model too
+    ood: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_classes(self) -> int:
