@@ -24,16 +24,8 @@ from bobench import distributed
 from bobench.checkpoints import Checkpoints
 from bobench.options import RunOptions
 from bobench.training import Trainer, cpu_state, evaluate_model
+from test_finetune import FAST, OPTS  # the fine-tuning tests' options and augmentation-free recipe
 
-OPTS = RunOptions(device="cpu", num_workers=0, progress=False, checkpoint_minutes=None)
-FAST = {
-    "auto_augment": None,
-    "mixup": 0.0,
-    "cutmix": 0.0,
-    "reprob": 0.0,
-    "color_jitter": 0.0,
-    "warmup_epochs": 0,
-}
 EPOCHS, BATCH = 2, 16  # Blobs: 64 images, 4 updates per epoch
 
 

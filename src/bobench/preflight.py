@@ -100,7 +100,9 @@ def dataset_path(spec: str) -> str | None:
     Raises:
         DatasetError: the spec itself is malformed (a usage error, reported before any work).
     """
+    from bobench.data.dense_embedded import DENSE_CATALOG
     from bobench.data.dense_readers import SCHEMES as DETECTION_SCHEMES
+    from bobench.data.dense_readers import split_spec
     from bobench.data.errors import DatasetError
     from bobench.data.spec import DatasetSpec
 
@@ -108,12 +110,10 @@ def dataset_path(spec: str) -> str | None:
         return DatasetSpec.parse(spec).path
     except DatasetError:
         # a detection spec (coco:/..., sim10k:/...), which the classification parser does not know
-        scheme, sep, rest = spec.partition("?")[0].partition(":")
-        if sep and scheme in DETECTION_SCHEMES and rest:
-            return rest
-        from bobench.data.dense_embedded import DENSE_CATALOG
-
-        if spec.partition("?")[0] in DENSE_CATALOG:
+        scheme, path, _ = split_spec(spec)
+        if scheme in DETECTION_SCHEMES and path:
+            return path
+        if scheme in ("", "embedded") and path in DENSE_CATALOG:
             return None
         raise
 

@@ -32,7 +32,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -384,14 +384,22 @@ class Trainer:
         return distributed.default_workers()
 
 
-def evaluate_model(
-    model: nn.Module, dataset: Any, options: RunOptions, *, description: str = "eval"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(outputs [N, ...] float32 on the CPU, targets [N, ...])`` of ``model`` over ``dataset`` in order.
+def predict_batches(
+    model: nn.Module,
+    dataset: Any,
+    options: RunOptions,
+    *,
+    description: str = "eval",
+    batch_size: int | None = None,
+    collate_fn: Callable[[list], Any] | None = None,
+) -> Iterator[tuple[Any, Any]]:
+    """``(outputs, targets)`` of ``model`` in eval mode, one batch of ``dataset`` at a time, in order.
 
-    Under DDP every rank evaluates the whole of ``dataset`` with the plain module (a DDP wrapper is
-    unwrapped: no collectives, so ranks may evaluate different sets or stop at will); the ranks hold
-    one model, so they get the same outputs.
+    Inputs go to the run's device (channels_last on request) and the model runs under inference mode
+    and the run's autocast; outputs stay where the model put them. A DataLoader worker's error comes
+    out as the dataset's own (naming the file and the fix). Under DDP every rank predicts the whole of
+    ``dataset`` with the plain module (a DDP wrapper is unwrapped: no collectives, so ranks may evaluate
+    different sets or stop at will). The model's training mode is restored at the end.
     """
     from bobench.progress import progress_bar
 
@@ -403,26 +411,37 @@ def evaluate_model(
     model.eval()
     loader = DataLoader(
         dataset,
-        batch_size=options.batch_size,
+        batch_size=batch_size or options.batch_size,
         shuffle=False,
         num_workers=options.num_workers if options.num_workers is not None else distributed.default_workers(),
         pin_memory=placement.device.type == "cuda",
+        collate_fn=collate_fn,
     )
+    try:
+        with (
+            progress_bar(
+                description, total=len(dataset), enabled=options.progress and distributed.is_main()
+            ) as bar,
+            worker_errors_unwrapped(),
+        ):
+            for x, y in loader:
+                x = to_device(x, placement.device, bool(options.channels_last))
+                # inference mode around the call only: a generator must not leave it on for its caller
+                with torch.inference_mode(), placement.autocast_context():
+                    out = model(x)
+                yield out, y
+                bar.advance(len(x))
+    finally:
+        model.train(was_training)
+
+
+def evaluate_model(
+    model: nn.Module, dataset: Any, options: RunOptions, *, description: str = "eval"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(outputs [N, ...] float32 on the CPU, targets [N, ...])`` of ``model`` over ``dataset`` in order
+    (see :func:`predict_batches`: DDP, devices, worker errors)."""
     outs, targets = [], []
-    with (
-        torch.inference_mode(),
-        progress_bar(
-            description, total=len(dataset), enabled=options.progress and distributed.is_main()
-        ) as bar,
-        worker_errors_unwrapped(),
-    ):
-        for x, y in loader:
-            x = x.to(placement.device, non_blocking=True)
-            if options.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with placement.autocast_context():
-                outs.append(model(x).float().cpu())
-            targets.append(y)
-            bar.advance(len(x))
-    model.train(was_training)
+    for out, y in predict_batches(model, dataset, options, description=description):
+        outs.append(out.float().cpu())
+        targets.append(y)
     return torch.cat(outs), torch.cat(targets)

@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,7 +22,7 @@ from torch.utils.data import Dataset
 
 from bobench.data.errors import DatasetError
 from bobench.data.images import open_rgb
-from bobench.data.manifest import ManifestHasher
+from bobench.data.manifest import ManifestHasher, regular_file_stat
 
 Transforms = Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
@@ -259,11 +258,8 @@ class DetectionDataset(Dataset):
         for image_id in self.image_ids:
             name = images[image_id]["file_name"]
             path = os.path.join(self.root, name)
-            try:
-                info = os.stat(path)
-            except OSError:
-                info = None
-            if info is None or not stat.S_ISREG(info.st_mode):
+            info = regular_file_stat(path)
+            if info is None:
                 raise DatasetError(
                     f"{source}: image id {image_id}: file {path} does not exist or is not a file; "
                     "point the images folder at the one holding the json's file_name paths."

@@ -47,8 +47,12 @@ SCHEMES: dict[str, tuple[str, ...]] = {  # scheme -> the options it accepts
 CAR = [{"id": 1, "name": "car", "supercategory": "vehicle"}]  # label 1 in both Sim10k and Cityscapes
 
 
-def _split_spec(spec: str) -> tuple[str, str, dict[str, str]]:
-    """``"sim10k:/data?seed=1"`` -> ``("sim10k", "/data", {"seed": "1"})``; a bare name has scheme ``""``."""
+def split_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+    """``"sim10k:/data?seed=1"`` -> ``("sim10k", "/data", {"seed": "1"})``; a bare name has scheme ``""``.
+
+    Raises:
+        DatasetError: an option the scheme does not accept.
+    """
     body, _, query = spec.strip().partition("?")
     scheme, sep, path = body.partition(":")
     if not sep:
@@ -97,7 +101,7 @@ def load_detection_dataset(
 
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}.{suggest(split, list(SPLITS))} Use train, val or test.")
-    scheme, path, options = _split_spec(spec)
+    scheme, path, options = split_spec(spec)
     if scheme in ("", "embedded") and path in dense_embedded.DENSE_CATALOG:
         return dense_embedded.load_embedded_detection(path, split, transforms)
     known = [*SCHEMES, *dense_embedded.DENSE_CATALOG]
@@ -128,30 +132,30 @@ def load_detection_dataset(
 
 
 def _load_coco2017(root: str, split: str, transforms: Transforms | None) -> DetectionDataset:
-    from bobench.data.coco import DetectionDataset, read_coco_json
-
     name = "train2017" if split == "train" else "val2017"
     fix = "the COCO 2017 layout is ROOT/annotations/instances_{train,val}2017.json and ROOT/{train,val}2017/"
     _need(root, "COCO root", fix)
     json_path = _need(os.path.join(root, "annotations", f"instances_{name}.json"), "COCO annotations", fix)
     images = _need(os.path.join(root, name), "COCO image folder", fix)
+    return _from_json(json_path, images, "coco", split, transforms)
+
+
+def _from_json(
+    json_path: str, images: str, kind: str, split: str, transforms: Transforms | None
+) -> DetectionDataset:
+    """The dataset of one COCO instances json over its image folder (the json's digest hashed)."""
+    from bobench.data.coco import DetectionDataset, read_coco_json
+
     gt, digest = read_coco_json(json_path)
     return DetectionDataset(
-        gt,
-        images,
-        source=f"COCO json {json_path}",
-        kind="coco",
-        split=split,
-        json_sha256=digest,
+        gt, images, source=f"COCO json {json_path}", kind=kind, split=split, json_sha256=digest,
         transforms=transforms,
-    )
+    )  # fmt: skip
 
 
 def _load_cocojson(
     json_path: str, split: str, options: dict[str, str], transforms: Transforms | None
 ) -> DetectionDataset:
-    from bobench.data.coco import DetectionDataset, read_coco_json
-
     declared = options.get("split")
     if declared is not None and declared not in SPLITS:
         raise DatasetError(f"cocojson option split={declared!r} is not one of train, val, test.")
@@ -163,16 +167,7 @@ def _load_cocojson(
     _need(json_path, "COCO json", "give the path of an instances json (cocojson:/path/instances.json)")
     images = options.get("images") or os.path.dirname(os.path.abspath(json_path))
     _need(images, "image folder", "set ?images=/path/to/images to the folder of the json's file_name paths")
-    gt, digest = read_coco_json(json_path)
-    return DetectionDataset(
-        gt,
-        images,
-        source=f"COCO json {json_path}",
-        kind="cocojson",
-        split=split,
-        json_sha256=digest,
-        transforms=transforms,
-    )
+    return _from_json(json_path, images, "cocojson", split, transforms)
 
 
 def _fractions(spec: str, options: dict[str, str]) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +10,7 @@ import numpy as np
 
 from bobench.data.embedded import CATALOG, build_embedded
 from bobench.data.errors import DatasetError
-from bobench.data.manifest import FileItems, ManifestHasher, label_key
+from bobench.data.manifest import FileItems, ManifestHasher, label_key, regular_file_stat
 from bobench.data.spec import DatasetSpec
 from bobench.data.splits import SPLITS
 from bobench.registry import suggest
@@ -118,11 +117,8 @@ def _load_files(
     skipped: list[tuple[str, str]] = []
     for i, rel in enumerate(items.paths):
         path = os.path.join(items.root, rel)
-        try:
-            info = os.stat(path)
-        except OSError:
-            info = None
-        if info is None or not stat.S_ISREG(info.st_mode):
+        info = regular_file_stat(path)
+        if info is None:
             fix = (
                 "fix the path (relative paths start at the CSV's folder) or drop the row"
                 if items.lines is not None

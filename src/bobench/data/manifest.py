@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,6 +71,15 @@ class PathTable:
 
     def __getitem__(self, i: int) -> str:
         return self._data[self._offsets[i] : self._offsets[i + 1]].tobytes().decode("utf-8")
+
+
+def regular_file_stat(path: str) -> os.stat_result | None:
+    """``os.stat(path)`` of a regular file; None when it is missing, unreadable or not a file."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info if stat.S_ISREG(info.st_mode) else None
 
 
 def label_key(target: int | Sequence[int] | np.ndarray) -> int | str:

@@ -113,8 +113,10 @@ def _view(dataset: Any, transforms: Any, training: bool) -> Any:
     return out
 
 
-def _splits(data: TrainData, p: dict[str, Any], seed: int) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
-    """``(train, train_gt_indices, val, test, info)``: val held out of train (seeded) when absent."""
+def _splits(
+    data: TrainData, p: dict[str, Any], seed: int
+) -> tuple[np.ndarray, Any, np.ndarray, dict[str, Any]]:
+    """``(train indices, val dataset, val indices, info)``: val held out of train (seeded) when absent."""
     n = len(data.train)
     info: dict[str, Any] = {"val_source": "dataset" if data.val is not None else "held out of train"}
     if data.val is not None:
@@ -128,7 +130,7 @@ def _splits(data: TrainData, p: dict[str, Any], seed: int) -> tuple[Any, Any, An
         index, val_index = np.sort(order[n_val:]), np.sort(order[:n_val])
         val_base = data.train
     info["n_train"], info["n_val"], info["n_test"] = len(index), len(val_index), len(data.test)
-    return data.train, index, val_base, val_index, info
+    return index, val_base, val_index, info
 
 
 def _train_transforms(p: dict[str, Any], size: int) -> Any:
@@ -161,37 +163,23 @@ def detect(
     ``categories`` maps model labels to ``dataset``'s category ids (default: the dataset's own
     ``label_to_category``, for a model trained on it); detections of unmapped labels are dropped.
     """
-    from torch.utils.data import DataLoader
-
-    from bobench import distributed
     from bobench.data.coco import collate_detection
     from bobench.dense.coco_eval import predictions_from_outputs
-    from bobench.device import resolve_placement
-    from bobench.training import to_device
+    from bobench.training import predict_batches
 
-    placement = resolve_placement(options.device, options.precision)
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(
-        dataset,
-        batch_size=max(1, min(options.batch_size or 2, 8)),
-        shuffle=False,
-        num_workers=options.num_workers if options.num_workers is not None else distributed.default_workers(),
-        collate_fn=collate_detection,
-    )
     categories = dict(categories if categories is not None else dataset.label_to_category)
     known = torch.tensor(sorted(categories))
     out: list[dict[str, Any]] = []
-    with torch.inference_mode():
-        for images, targets in loader:
-            with placement.autocast_context():
-                outputs = model(to_device(list(images), placement.device))
-            ids = [int(t["image_id"]) for t in targets]
-            outputs = [{k: v.cpu() for k, v in o.items()} for o in outputs]
-            outputs = [{k: v[torch.isin(o["labels"], known)].float() if k != "labels" else v[torch.isin(v, known)]
-                        for k, v in o.items()} for o in outputs]  # fmt: skip
-            out += predictions_from_outputs(ids, outputs, categories)
-    model.train(was_training)
+    batches = predict_batches(
+        model, dataset, options, description="detect", collate_fn=collate_detection,
+        batch_size=max(1, min(options.batch_size or 2, 8)),
+    )  # fmt: skip
+    for outputs, targets in batches:
+        kept = []
+        for o in outputs:
+            keep = torch.isin(o["labels"].cpu(), known)
+            kept.append({k: v.cpu()[keep] if k == "labels" else v.cpu()[keep].float() for k, v in o.items()})
+        out += predictions_from_outputs([int(t["image_id"]) for t in targets], kept, categories)
     return out
 
 
@@ -253,15 +241,16 @@ def run(
     from bobench.dense.heads import build_detector
     from bobench.metrics import Metric
     from bobench.seeding import seed_all, seed_for
-    from bobench.training import Trainer, cpu_state
+    from bobench.sweep import lr_sweep
+    from bobench.training import Trainer, TrainResult, cpu_state
 
     p = resolve_params(params)
     options = (options or RunOptions()).replace(channels_last=False)  # images differ in size
     size = int(data.image_size or backbone.preprocess()["input_size"][-1])
     masks = _has_masks(data.train)
     select_on = p["select_on"]
-    train_base, index, val_base, val_index, info = _splits(data, p, seed)
-    train = _Images(_view(train_base, _train_transforms(p, size), training=True), index)
+    index, val_base, val_index, info = _splits(data, p, seed)
+    train = _Images(_view(data.train, _train_transforms(p, size), training=True), index)
     val = _Images(_view(val_base, None, training=False), val_index)
     test = _Images(_view(data.test, None, training=False), np.arange(len(data.test)))
     seed_all(seed_for(seed, "heads"))
@@ -279,22 +268,21 @@ def run(
     def forward_loss(net: nn.Module, images: list, targets: list) -> torch.Tensor:
         return sum(net(images, targets).values())
 
-    runs = []
-    for lr in p["lr"]:
+    def fit(lr: float, folder: Checkpoints | None) -> TrainResult:
         model.load_state_dict(initial)
         opt = create_optimizer_v2(
             [q for q in model.parameters() if q.requires_grad] if p["frozen"] else model,
             opt="adamw", lr=lr, weight_decay=p["weight_decay"],
         )  # fmt: skip
-        ckpt = Checkpoints(Path(checkpoint_dir) / f"lr={lr:g}") if checkpoint_dir is not None else None
         trainer = Trainer(
             model, opt, _scheduler(opt, p), None, epochs=p["epochs"], batch_size=p["batch_size"],
-            options=options, seed=seed, clip_grad=p["clip_grad"], evaluate=evaluate, checkpoints=ckpt,
+            options=options, seed=seed, clip_grad=p["clip_grad"], evaluate=evaluate, checkpoints=folder,
             description=f"detection lr={lr:g}", forward_loss=forward_loss, collate_fn=collate_detection,
         )  # fmt: skip
-        runs.append((lr, trainer.fit(train)))
-    best_lr, best = max(runs, key=lambda r: r[1].best_score if r[1].best_score is not None else -math.inf)
-    model.load_state_dict(best.best_state)
+        return trainer.fit(train)
+
+    best, val_by_lr = lr_sweep(p["lr"], checkpoint_dir, fit)
+    model.load_state_dict(best["state"])
     found = detect(model, test, options)
     scores = _scores(test, found, masks)
     settings = ["test"] * len(found)
@@ -308,9 +296,9 @@ def run(
     metrics = [Metric(k, float(v), higher_is_better=True) for k, v in scores.items() if not math.isnan(v)]
     info["undefined_metrics"] = sorted(k for k, v in scores.items() if math.isnan(v))
     info.update(
-        lr=best_lr, epoch=best.best_epoch, val_score=best.best_score, select_on=select_on,
-        val_by_lr={f"{lr:g}": r.best_score for lr, r in runs}, history=best.history,
-        img_per_s=best.img_per_s, detector=kind, heads=p["heads"], frozen=bool(p["frozen"]), image_size=size,
+        lr=best["lr"], epoch=best["epoch"], val_score=best["score"], select_on=select_on,
+        val_by_lr=val_by_lr, history=best["history"],
+        img_per_s=best["img_per_s"], detector=kind, heads=p["heads"], frozen=bool(p["frozen"]), image_size=size,
         n_detections=len(found),
     )  # fmt: skip
     return ProtocolResult(metrics, predictions=_columns(found, settings), info=info)

@@ -276,7 +276,8 @@ def run(
     from bobench.backbones.layers import set_drop_path
     from bobench.checkpoints import Checkpoints
     from bobench.seeding import seed_all, seed_for
-    from bobench.training import Trainer, cpu_state, evaluate_model
+    from bobench.sweep import lr_sweep
+    from bobench.training import Trainer, TrainResult, cpu_state, evaluate_model
 
     p = resolve_params(params)
     options = options or RunOptions()
@@ -301,42 +302,28 @@ def run(
         out, y = evaluate_model(m, val, options, description="val")
         return _val_score(out, y, data.multilabel)
 
-    sweep: dict[str, Any] = {}
-    best: dict[str, Any] | None = None
-    for i, lr in enumerate(p["lr"]):
-        folder = Checkpoints(Path(checkpoint_dir) / f"lr{i}") if checkpoint_dir is not None else None
-        done = folder.load("done") if folder is not None else None
-        if done is None:
-            model.load_state_dict(initial)
-            trainable = model.head if p["frozen_backbone"] else model
-            opt = create_optimizer_v2(
-                trainable, opt=p["opt"], lr=lr, weight_decay=p["weight_decay"], layer_decay=layer_decay
-            )
+    def fit(lr: float, folder: Checkpoints | None) -> TrainResult:
+        model.load_state_dict(initial)
+        trainable = model.head if p["frozen_backbone"] else model
+        opt = create_optimizer_v2(
+            trainable, opt=p["opt"], lr=lr, weight_decay=p["weight_decay"], layer_decay=layer_decay
+        )
 
-            def scheduler(updates_per_epoch: int, opt=opt):
-                sched, _ = create_scheduler_v2(
-                    opt, p["sched"], num_epochs=p["epochs"], warmup_epochs=p["warmup_epochs"], warmup_lr=p["warmup_lr"],
-                    min_lr=p["min_lr"], step_on_epochs=False, updates_per_epoch=updates_per_epoch,
-                )  # fmt: skip
-                return sched
-
-            trainer = Trainer(
-                model, opt, scheduler, loss_fn, epochs=p["epochs"], batch_size=p["batch_size"], options=options,
-                seed=seed, clip_grad=p["clip_grad"], mixup=mixup, train_mode=model.train_mode, evaluate=evaluate,
-                checkpoints=folder, description=f"finetune lr={lr:g}",
+        def scheduler(updates_per_epoch: int):
+            sched, _ = create_scheduler_v2(
+                opt, p["sched"], num_epochs=p["epochs"], warmup_epochs=p["warmup_epochs"], warmup_lr=p["warmup_lr"],
+                min_lr=p["min_lr"], step_on_epochs=False, updates_per_epoch=updates_per_epoch,
             )  # fmt: skip
-            result = trainer.fit(train)
-            done = {
-                "state": result.best_state, "score": result.best_score, "epoch": result.best_epoch,
-                "history": result.history, "batch_size": result.batch_size, "img_per_s": result.img_per_s,
-            }  # fmt: skip
-            if folder is not None:
-                folder.save(done, "done")
-                folder.path().unlink(missing_ok=True)  # the per-epoch state is no longer needed
-        sweep[f"{lr:g}"] = done["score"]
-        if best is None or (done["score"] is not None and done["score"] > best["score"]):
-            best = {**done, "lr": lr}
-    assert best is not None
+            return sched
+
+        trainer = Trainer(
+            model, opt, scheduler, loss_fn, epochs=p["epochs"], batch_size=p["batch_size"], options=options,
+            seed=seed, clip_grad=p["clip_grad"], mixup=mixup, train_mode=model.train_mode, evaluate=evaluate,
+            checkpoints=folder, description=f"finetune lr={lr:g}",
+        )  # fmt: skip
+        return trainer.fit(train)
+
+    best, sweep = lr_sweep(p["lr"], checkpoint_dir, fit)
     model.load_state_dict(best["state"])
     out, y = evaluate_model(model, test, options, description="test")
     metrics, predictions = _score(out, y, data)
