@@ -189,10 +189,6 @@ def _scores(dataset: Any, predictions: list[dict[str, Any]], masks: bool) -> dic
     return coco_metrics(dataset.coco_gt, predictions, iou_types=("bbox", "segm") if masks else ("bbox",))
 
 
-def _has_masks(dataset: Any) -> bool:
-    return any("segmentation" in a for a in dataset.coco_gt.get("annotations", []))
-
-
 def _scheduler(optimizer: Any, p: dict[str, Any]):
     """``updates_per_epoch -> scheduler``: multi-step decay and linear warm-up, stepped per update."""
     from timm.scheduler import MultiStepLRScheduler
@@ -247,7 +243,7 @@ def run(
     p = resolve_params(params)
     options = (options or RunOptions()).replace(channels_last=False)  # images differ in size
     size = int(data.image_size or backbone.preprocess()["input_size"][-1])
-    masks = _has_masks(data.train)
+    masks = data.train.has_masks
     select_on = p["select_on"]
     index, val_base, val_index, info = _splits(data, p, seed)
     train = _Images(_view(data.train, _train_transforms(p, size), training=True), index)
@@ -289,7 +285,7 @@ def run(
     for name, shifted in data.ood.items():  # e.g. Sim10k -> Cityscapes: the same model, another domain
         ood = _Images(_view(shifted, None, training=False), np.arange(len(shifted)))
         more = detect(model, ood, options, label_map(data.classes, shifted))
-        ood_masks = masks and _has_masks(shifted)
+        ood_masks = masks and shifted.has_masks
         scores.update({f"{k}@ood={name}": v for k, v in _scores(ood, more, ood_masks).items()})
         found, settings = found + more, settings + [f"ood={name}"] * len(more)
     # COCO leaves a size bucket without ground truth undefined (NaN): not a score, so not recorded
