@@ -136,3 +136,23 @@ def test_preflight_knows_detection_specs() -> None:
     assert dataset_path("coco:/data/coco") == "/data/coco"
     assert dataset_path("sim10k:/data/sim10k?seed=1") == "/data/sim10k"
     assert dataset_path("mnist-det") is None
+
+
+@pytest.mark.slow
+def test_demo_detector_on_frozen_pretrained_maps_beats_random_init(tmp_path: Path) -> None:
+    """The demo's detection task (a box-only detector on a set that has masks) on the shipped ImageNet
+    MobileNetV2 and on its random-init control: pretrained maps localise digits, random ones do not.
+    Measured 15.8 vs 0.25 box AP50 (seed 0, 2026-12-03); the margin asked here is 5 points."""
+    db = tmp_path / "r.db"
+    backbones = ["mobilenetv2_100.tv_in1k", "random/mobilenetv2_100"]
+    with ResultStore(db) as store:
+        s = run_battle(
+            backbones, ["mnist-det-frozen"], store=store, cache_dir=tmp_path / "c", seeds=[0],
+            options=OPTS.replace(batch_size=8),
+        )  # fmt: skip
+    assert (s.done, s.failed) == (2, 0), s.failures and s.failures[0].error
+    with ResultStore(db, readonly=True) as store:
+        rows = store.results()
+    ap50 = rows[rows["metric"] == "box_AP50"].set_index("backbone")["value"]
+    assert ap50["mobilenetv2_100.tv_in1k"] > ap50["random/mobilenetv2_100"] + 0.05, ap50.to_dict()
+    assert not (rows["metric"].str.startswith("mask_")).any()  # faster_rcnn: boxes only, no mask scores

@@ -243,7 +243,7 @@ def run(
     p = resolve_params(params)
     options = (options or RunOptions()).replace(channels_last=False)  # images differ in size
     size = int(data.image_size or backbone.preprocess()["input_size"][-1])
-    masks = data.train.has_masks
+    masks = data.train.has_masks and "mask" in p["detector"]  # a box-only detector on masked data: boxes
     select_on = p["select_on"]
     index, val_base, val_index, info = _splits(data, p, seed)
     train = _Images(_view(data.train, _train_transforms(p, size), training=True), index)
