@@ -87,7 +87,11 @@ def test_backbones_show_prints_counted_card() -> None:
 
 def test_datasets_list() -> None:
     rows = json.loads(run("datasets", "list", "--json").stdout)
-    assert {r["name"] for r in rows} >= {"patches13", "mnist5k", "digits"}
+    kinds = {r["name"]: r["kind"] for r in rows}
+    assert {k: kinds.get(k) for k in ("patches13", "mnist5k", "mnist-det", "nuclei")} == {
+        "patches13": "classification", "mnist5k": "classification", "mnist-det": "detection", "nuclei": "detection",
+    }  # fmt: skip
+    assert next(r for r in rows if r["name"] == "mnist-det")["n_classes"] == 10
 
 
 def test_features_extract_then_cache_hit(tmp_path: Path) -> None:

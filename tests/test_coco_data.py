@@ -274,6 +274,32 @@ def test_cityscapes_cars_occlusion_and_crowd(tmp_path: Path) -> None:
         load_detection_dataset(f"cityscapes:{tmp_path}", split="train")
 
 
+def test_cityscapes_conversion_is_cached_and_an_edited_file_misses(tmp_path: Path) -> None:
+    from bobench.data.dense_readers import cityscapes_coco
+
+    folder = tmp_path / "gtFine" / "val" / "bonn"
+    folder.mkdir(parents=True)
+    (tmp_path / "leftImg8bit" / "val" / "bonn").mkdir(parents=True)
+    polygons = folder / "bonn_000000_000019_gtFine_polygons.json"
+    car = {"label": "car", "polygon": [[2, 2], [12, 2], [12, 10], [2, 10]]}
+    polygons.write_text(json.dumps({"imgHeight": 16, "imgWidth": 32, "objects": [car]}))
+    first = cityscapes_coco(str(tmp_path), "val")
+    entries = list((Path(os.environ["BOBENCH_CACHE"]) / "datasets" / "cityscapes-coco").glob("val-*.json"))
+    assert len(entries) == 1 and json.loads(entries[0].read_text()) == first
+    assert (
+        cityscapes_coco(str(tmp_path), "val") == first == cityscapes_coco(str(tmp_path), "val", cache=False)
+    )
+    # the same path rewritten (size and mtime change): converted again, never served stale
+    car["polygon"] = [[2, 2], [6, 2], [6, 4], [2, 4]]
+    polygons.write_text(json.dumps({"imgHeight": 16, "imgWidth": 32, "objects": [car]}))
+    again = cityscapes_coco(str(tmp_path), "val")
+    assert again["annotations"][0]["area"] == 15 != first["annotations"][0]["area"]
+    # a damaged entry is rebuilt, not trusted
+    for entry in (Path(os.environ["BOBENCH_CACHE"]) / "datasets" / "cityscapes-coco").glob("val-*.json"):
+        entry.write_text("{not json")
+    assert cityscapes_coco(str(tmp_path), "val") == again
+
+
 def _item_arrays(ds: DetectionDataset, i: int) -> tuple[np.ndarray, list[int], np.ndarray, list]:
     image, t = ds[i]
     pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()

@@ -41,13 +41,22 @@ app.command("report")(report_cmd)
 # -- datasets ----------------------------------------------------------------------------------------
 @datasets_app.command("list")
 def datasets_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """List the embedded datasets. Your own: imagefolder:PATH, csv:MANIFEST.csv or a YAML spec."""
+    """List the embedded datasets (classification, then detection / instance segmentation). Your own:
+    imagefolder:PATH, csv:MANIFEST.csv or a YAML spec; coco:/cocojson:, sim10k:, cityscapes: for detection."""
     from bobench.data import list_datasets
+    from bobench.data.dense_embedded import list_detection_datasets
 
-    rows = list_datasets()
-    _emit(rows, list(rows[0]) if rows else ["name"], "datasets", as_json)
+    rows = [{"name": r["name"], "kind": "classification", **r} for r in list_datasets()]
+    for r in list_detection_datasets():  # same columns: the class count, not the names
+        dense = {k: v for k, v in r.items() if k not in ("classes", "version")}
+        rows.append({"name": r["name"], "kind": "detection", **dense, "n_classes": len(r["classes"])})
+    columns = ["name", "kind", "description", "n_classes", "split_sizes", "image_size", "source", "license"]
+    _emit(rows, columns, "datasets", as_json)
     if not as_json:
-        typer.echo("Also: imagefolder:/path/to/root, csv:/path/manifest.csv, or a dataset YAML file.")
+        typer.echo(
+            "Also: imagefolder:/path/to/root, csv:/path/manifest.csv or a dataset YAML file; for detection "
+            "coco:/path/to/coco, cocojson:/path/instances.json?images=DIR, sim10k:/path, cityscapes:/path."
+        )
 
 
 # -- features ----------------------------------------------------------------------------------------

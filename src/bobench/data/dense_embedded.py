@@ -47,7 +47,8 @@ DIGIT_SIDE = (20, 40)  # px, a pasted digit's side, inclusive
 DIGITS_BACKGROUNDS = ("brick", "grass", "gravel", "camera", "coffee", "astronaut", "rocket")
 
 
-def _cache_root() -> Path:
+def datasets_cache_root() -> Path:
+    """``$BOBENCH_CACHE/datasets`` (``~/.cache/bobench/datasets`` without it): built or converted sets."""
     base = os.environ.get("BOBENCH_CACHE") or Path.home() / ".cache" / "bobench"
     return Path(base).expanduser() / "datasets"
 
@@ -255,7 +256,7 @@ def write_embedded(name: str, cache_root: str | os.PathLike[str] | None = None) 
     if name not in DENSE_CATALOG:
         raise DatasetError(f"unknown embedded dense set {name!r}; use one of {', '.join(DENSE_CATALOG)}.")
     info = DENSE_CATALOG[name]
-    parent = Path(cache_root) if cache_root is not None else _cache_root()
+    parent = Path(cache_root) if cache_root is not None else datasets_cache_root()
     folder = parent / f"{name}-v{info.version}"
     if (folder / "annotations").is_dir():
         return folder
