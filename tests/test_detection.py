@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from bobench.options import RunOptions
@@ -123,6 +125,7 @@ def test_label_map_matches_classes_by_name() -> None:
         ({"lr": [1e-4, -1]}, "lr must be a positive number"),
         ({"lsj_scale": [2.0, 0.1]}, "lsj_scale"),
         ({"epoch": 3}, "epoch"),
+        ({"schedule": "cos"}, "schedule must be one of"),
     ],
 )
 def test_bad_parameters_name_the_fix(params: dict, message: str) -> None:
@@ -156,3 +159,24 @@ def test_demo_detector_on_frozen_pretrained_maps_beats_random_init(tmp_path: Pat
     ap50 = rows[rows["metric"] == "box_AP50"].set_index("backbone")["value"]
     assert ap50["mobilenetv2_100.tv_in1k"] > ap50["random/mobilenetv2_100"] + 0.05, ap50.to_dict()
     assert not (rows["metric"].str.startswith("mask_")).any()  # faster_rcnn: boxes only, no mask scores
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),  # lr for updates 0, 1, 2 (warm-up from 0.1 x lr), 10, 19, 20, 35 of 40
+    [
+        ("step", [0.1, 0.4, 0.7, 1.0, 1.0, 0.1, 0.01]),  # x0.1 from the first update of epochs 2 and 3
+        ("cosine", [0.1, 0.4, 0.7, *((1 + math.cos(math.pi * t / 40)) / 2 for t in (10, 19, 20, 35))]),
+    ],
+)
+def test_schedules_warm_up_then_step_or_cosine(schedule: str, expected: list[float]) -> None:
+    params = detection.resolve_params(
+        {"schedule": schedule, "epochs": 4, "decay_epochs": [2, 3], "warmup_updates": 3, "warmup_ratio": 0.1}
+    )
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = detection.scheduler(opt, params)(10)  # 10 updates per epoch
+    seen = []
+    for t in range(40):
+        sched.step_update(t)
+        if t in (0, 1, 2, 10, 19, 20, 35):
+            seen.append(opt.param_groups[0]["lr"])
+    assert seen == pytest.approx(expected, abs=1e-12)

@@ -40,10 +40,12 @@ DEFAULTS: dict[str, Any] = {
     "lr": [8e-5, 1e-4, 2e-4, 3e-4],  # a number, or a list: a sweep, the best on val is reported
     "batch_size": 16,  # effective (micro-batches x accumulation x GPUs); micro-batch is --batch-size
     "weight_decay": 0.05,
-    "decay_epochs": [27, 33],  # lr x decay_rate at each
+    "schedule": "step",  # step: lr x decay_rate at each of decay_epochs | cosine: to min_lr_ratio x lr
+    "decay_epochs": [27, 33],  # lr x decay_rate at each (schedule: step)
     "decay_rate": 0.1,
     "warmup_updates": 1000,  # linear warm-up from warmup_ratio x lr (capped at a third of the run)
     "warmup_ratio": 0.001,
+    "min_lr_ratio": 0.0,  # schedule: cosine
     "lsj_scale": [0.1, 2.0],  # large-scale jitter; None: no jitter (resize only)
     "hflip": 0.5,
     "clip_grad": None,
@@ -53,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
 }
 DETECTORS = ("mask_rcnn", "cascade_mask_rcnn", "faster_rcnn", "cascade_rcnn")
 HEADS = ("4conv1fc", "slim")
+SCHEDULES = ("step", "cosine")
 
 
 def resolve_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -61,6 +64,8 @@ def resolve_params(params: Mapping[str, Any]) -> dict[str, Any]:
     p = {**DEFAULTS, **params}
     if p["detector"] not in DETECTORS:
         raise ValueError(f"detection: detector must be one of {', '.join(DETECTORS)}, got {p['detector']!r}")
+    if p["schedule"] not in SCHEDULES:
+        raise ValueError(f"detection: schedule must be one of {', '.join(SCHEDULES)}, got {p['schedule']!r}")
     if p["heads"] not in HEADS:
         raise ValueError(f"detection: heads must be one of {', '.join(HEADS)}, got {p['heads']!r}")
     lrs = p["lr"] if isinstance(p["lr"], list | tuple) else [p["lr"]]
@@ -189,19 +194,25 @@ def _scores(dataset: Any, predictions: list[dict[str, Any]], masks: bool) -> dic
     return coco_metrics(dataset.coco_gt, predictions, iou_types=("bbox", "segm") if masks else ("bbox",))
 
 
-def _scheduler(optimizer: Any, p: dict[str, Any]):
-    """``updates_per_epoch -> scheduler``: multi-step decay and linear warm-up, stepped per update."""
-    from timm.scheduler import MultiStepLRScheduler
+def scheduler(optimizer: Any, p: dict[str, Any]):
+    """``updates_per_epoch -> scheduler``: multi-step decay (mmdetection's ``step``) or cosine, after a
+    linear warm-up from ``warmup_ratio x lr``; timm schedulers stepped per update."""
+    from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 
     def build(updates_per_epoch: int):
         total = p["epochs"] * updates_per_epoch
+        lr = optimizer.param_groups[0]["lr"]
+        warmup = {"warmup_t": min(int(p["warmup_updates"]), total // 3),
+                  "warmup_lr_init": float(p["warmup_ratio"]) * lr, "t_in_epochs": False}  # fmt: skip
+        if p["schedule"] == "cosine":
+            return CosineLRScheduler(
+                optimizer, t_initial=total, lr_min=float(p["min_lr_ratio"]) * lr, **warmup
+            )
+        # mmdetection's step: the lr drops for the first update of epoch e. timm applies milestone m at
+        # t == m - 1 (its historical convention), and by default counts t after the warm-up: undo both.
+        decay = [int(e * updates_per_epoch) + 1 for e in p["decay_epochs"]]
         return MultiStepLRScheduler(
-            optimizer,
-            decay_t=[int(e * updates_per_epoch) for e in p["decay_epochs"]],
-            decay_rate=float(p["decay_rate"]),
-            warmup_t=min(int(p["warmup_updates"]), total // 3),
-            warmup_lr_init=float(p["warmup_ratio"]) * optimizer.param_groups[0]["lr"],
-            t_in_epochs=False,
+            optimizer, decay_t=decay, decay_rate=float(p["decay_rate"]), warmup_prefix=False, **warmup
         )
 
     return build
@@ -271,7 +282,7 @@ def run(
             opt="adamw", lr=lr, weight_decay=p["weight_decay"],
         )  # fmt: skip
         trainer = Trainer(
-            model, opt, _scheduler(opt, p), None, epochs=p["epochs"], batch_size=p["batch_size"],
+            model, opt, scheduler(opt, p), None, epochs=p["epochs"], batch_size=p["batch_size"],
             options=options, seed=seed, clip_grad=p["clip_grad"], evaluate=evaluate, checkpoints=folder,
             description=f"detection lr={lr:g}", forward_loss=forward_loss, collate_fn=collate_detection,
         )  # fmt: skip
