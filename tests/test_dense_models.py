@@ -237,7 +237,11 @@ def test_identical_zero_regression_stages_equal_one_stage() -> None:
 # -- whole detectors ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("spec", "kind"),
-    [("random/timm:test_resnet", "mask_rcnn"), ("random/timm:test_vit", "cascade_mask_rcnn")],
+    [
+        ("random/timm:test_resnet", "mask_rcnn"),
+        ("random/timm:test_vit", "cascade_mask_rcnn"),  # smooth L1 (BoB's ViT configs)
+        ("random/timm:test_resnet", "cascade_mask_rcnn"),  # GIoU x10 (BoB's CNN configs)
+    ],
 )
 def test_detector_overfits_a_batch_and_predicts(spec: str, kind: str) -> None:
     torch.manual_seed(0)
@@ -301,3 +305,36 @@ def test_faster_kinds_and_config_errors() -> None:
         build_detector(backbone, 2, kind="retinanet")
     with pytest.raises(ValueError, match="background"):
         build_detector(backbone, 1)
+
+
+def test_bob_head_norm_and_box_loss_per_backbone() -> None:
+    from timm.layers import LayerNorm2d
+
+    full = dict(kind="cascade_mask_rcnn", heads="4conv1fc")
+    cnn = build_detector(create_backbone("random/timm:test_convnext"), 3, SLIM, **full).roi_heads
+    vit = build_detector(create_backbone("random/timm:test_vit"), 3, SLIM, **full).roi_heads
+    assert (cnn.box_loss, cnn.box_loss_weight, vit.box_loss, vit.box_loss_weight) == (
+        "giou",
+        10.0,
+        "smooth_l1",
+        1.0,
+    )
+    norms = {name: {type(m) for m in rh.modules() if isinstance(m, torch.nn.BatchNorm2d | LayerNorm2d)}
+             for name, rh in (("cnn", cnn), ("vit", vit))}  # fmt: skip
+    assert norms == {"cnn": {torch.nn.BatchNorm2d}, "vit": {LayerNorm2d}}
+    forced = build_detector(create_backbone("random/timm:test_vit"), 3, SLIM, box_loss="giou", head_norm="batch",
+                            **full).roi_heads  # fmt: skip
+    assert forced.box_loss == "giou" and not any(isinstance(m, LayerNorm2d) for m in forced.modules())
+    with pytest.raises(ValueError, match="class-agnostic cascade"):
+        build_detector(create_backbone("random/timm:test_resnet"), 3, SLIM, kind="mask_rcnn", box_loss="giou")
+
+
+def test_giou_loss_by_hand() -> None:
+    """Proposal [0, 0, 10, 10], zero deltas, matched to [5, 0, 15, 10]: IoU 50 / 150, the enclosing box is
+    the union, so GIoU = 1/3 and the loss 2/3; one positive among two sampled RoIs halves it."""
+    _, cascade = one_stage_pair()
+    proposals = [torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]])]
+    labels = [torch.tensor([1, 0])]
+    matched = [torch.tensor([[5.0, 0, 15, 10], [0, 0, 1, 1]])]
+    loss = cascade.giou_loss(0, torch.zeros(2, 4), proposals, labels, matched)
+    assert loss.item() == pytest.approx((2 / 3) / 2, abs=1e-6)

@@ -18,8 +18,10 @@ Behaviour (BoB's mmdet 2.26 ``CascadeRoIHead`` unless said otherwise):
 * regression is class-agnostic by default (mmdet's cascade configs: ``reg_class_agnostic=True``, a
   predictor with 4 outputs); ``class_agnostic=False`` regresses per class (torchvision's ``RoIHeads``;
   refinement then uses the GT label in training and the arg-max foreground class at test time);
-* box loss: torchvision's smooth L1 (beta 1/9, summed over positives, divided by the sampled RoI count),
-  not BoB's GIoU (CNN configs) or mmdet's smooth L1 with beta 1;
+* box loss (``box_loss``): torchvision's smooth L1 on the encoded deltas (beta 1/9, summed over
+  positives, divided by the sampled RoI count; mmdet's ViTDet configs use beta 1), or BoB's CNN configs'
+  GIoU on the decoded boxes against the matched ground truth (mmdet's ``reg_decoded_bbox``), times
+  ``box_loss_weight`` (10 in BoB), with the same normalisation;
 * at test time the class score is the mean over stages of each stage's softmax (``score_mean="probs"``:
   the paper, detectron2, mmdet 3). mmdet 2.x, which BoB ran, averages the *logits* and then applies one
   softmax: ``score_mean="logits"`` reproduces that. Boxes are the last stage's regression of its RoIs;
@@ -48,6 +50,7 @@ from torchvision.models.detection.roi_heads import (
     maskrcnn_loss,
 )
 from torchvision.ops import boxes as box_ops
+from torchvision.ops import generalized_box_iou_loss
 
 CASCADE_IOUS = (0.5, 0.6, 0.7)
 CASCADE_WEIGHTS = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
@@ -76,6 +79,7 @@ class CascadeRoIHeads(nn.Module):
         iou_thresholds, bbox_reg_weights, stage_loss_weights: one entry per stage.
         class_agnostic: 4 shared box deltas per RoI (mmdet) instead of 4 per class (torchvision).
         score_mean: ``"probs"`` (mean of per-stage softmax) or ``"logits"`` (mmdet 2.x).
+        box_loss, box_loss_weight: ``"smooth_l1"`` or ``"giou"`` (class-agnostic only), and its weight.
         batch_size_per_image, positive_fraction, score_thresh, nms_thresh, detections_per_img:
             as torchvision's ``RoIHeads`` (``box_*`` arguments of ``FasterRCNN``).
         mask_roi_pool, mask_head, mask_predictor: the optional mask branch (all three or none).
@@ -98,6 +102,8 @@ class CascadeRoIHeads(nn.Module):
         stage_loss_weights: Sequence[float] = CASCADE_LOSS_WEIGHTS,
         class_agnostic: bool = True,
         score_mean: Literal["probs", "logits"] = "probs",
+        box_loss: Literal["smooth_l1", "giou"] = "smooth_l1",
+        box_loss_weight: float = 1.0,
         batch_size_per_image: int = 512,
         positive_fraction: float = 0.25,
         score_thresh: float = 0.05,
@@ -118,6 +124,10 @@ class CascadeRoIHeads(nn.Module):
             )
         if score_mean not in ("probs", "logits"):
             raise ValueError(f"score_mean must be 'probs' or 'logits', not {score_mean!r}")
+        if box_loss not in ("smooth_l1", "giou"):
+            raise ValueError(f"box_loss must be 'smooth_l1' or 'giou', not {box_loss!r}")
+        if box_loss == "giou" and not class_agnostic:
+            raise ValueError("box_loss='giou' needs class_agnostic=True (one decoded box per RoI)")
         masks = (mask_roi_pool, mask_head, mask_predictor)
         if any(m is None for m in masks) and any(m is not None for m in masks):
             raise ValueError("give all of mask_roi_pool, mask_head and mask_predictor, or none")
@@ -132,6 +142,7 @@ class CascadeRoIHeads(nn.Module):
         self.stage_loss_weights = [float(w) for w in stage_loss_weights]
         self.class_agnostic = bool(class_agnostic)
         self.score_mean = score_mean
+        self.box_loss, self.box_loss_weight = box_loss, float(box_loss_weight)
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
@@ -151,13 +162,18 @@ class CascadeRoIHeads(nn.Module):
     def sample(
         self, stage: int, proposals: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
     ) -> tuple[
-        list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]
+        list[torch.Tensor],
+        list[torch.Tensor],
+        list[torch.Tensor],
+        list[torch.Tensor],
+        list[torch.Tensor],
+        list[torch.Tensor],
     ]:
         """``RoIHeads.select_training_samples`` at stage ``stage``'s IoU threshold and box coder.
 
         Returns:
             per image: sampled proposals, whether each is an appended ground-truth box, matched GT index,
-            label (0 = background), regression targets.
+            label (0 = background), regression targets, matched GT box (meaningless where label is 0).
         """
         dtype, device = proposals[0].dtype, proposals[0].device
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
@@ -195,7 +211,23 @@ class CascadeRoIHeads(nn.Module):
             boxes = gt_boxes[i] if gt_boxes[i].numel() else torch.zeros((1, 4), dtype=dtype, device=device)
             matched_gt.append(boxes[matched_idxs[i]])
         regression_targets = self.box_coders[stage].encode(matched_gt, proposals)
-        return proposals, is_gt, matched_idxs, labels, regression_targets
+        return proposals, is_gt, matched_idxs, labels, regression_targets, matched_gt
+
+    def giou_loss(
+        self,
+        stage: int,
+        box_regression: torch.Tensor,
+        proposals: list[torch.Tensor],
+        labels: list[torch.Tensor],
+        matched_gt: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """GIoU loss of the positives' decoded boxes against their matched ground truth, summed and
+        divided by the sampled RoI count (mmdet's ``avg_factor``); unweighted."""
+        labels_cat = torch.cat(labels)
+        pos = torch.where(labels_cat > 0)[0]
+        boxes = self.box_coders[stage].decode_single(box_regression[pos], torch.cat(proposals)[pos])
+        loss = generalized_box_iou_loss(boxes, torch.cat(matched_gt)[pos], reduction="sum")
+        return loss / labels_cat.numel()
 
     # -- refinement and inference -----------------------------------------------------------------
     def decode(self, stage: int, box_regression: torch.Tensor, proposals: list[torch.Tensor]) -> torch.Tensor:
@@ -283,14 +315,17 @@ class CascadeRoIHeads(nn.Module):
         for k in range(self.num_stages):
             if self.training:
                 assert targets is not None
-                proposals, is_gt, matched_idxs, labels, regression_targets = self.sample(
+                proposals, is_gt, matched_idxs, labels, regression_targets, matched_gt = self.sample(
                     k, proposals, targets
                 )
             x = self.box_heads[k](self.box_roi_pool(features, proposals, image_shapes))
             class_logits, box_regression = self.box_predictors[k](x)
             last = k == self.num_stages - 1
             if self.training:
-                if self.class_agnostic:
+                if self.box_loss == "giou":
+                    loss_cls = F.cross_entropy(class_logits, torch.cat(labels, dim=0))
+                    loss_box = self.giou_loss(k, box_regression, proposals, labels, matched_gt)
+                elif self.class_agnostic:
                     loss_cls = F.cross_entropy(class_logits, torch.cat(labels, dim=0))
                     loss_box = agnostic_box_loss(box_regression, labels, regression_targets)
                 else:
@@ -299,7 +334,7 @@ class CascadeRoIHeads(nn.Module):
                     )
                 w = self.stage_loss_weights[k]
                 losses[f"loss_classifier_s{k}"] = w * loss_cls
-                losses[f"loss_box_reg_s{k}"] = w * loss_box
+                losses[f"loss_box_reg_s{k}"] = w * self.box_loss_weight * loss_box
                 if not last:  # refine the sampled RoIs, minus the appended GT boxes (re-added next stage)
                     refined = self.refine(k, box_regression, class_logits, proposals, image_shapes, labels)
                     proposals = [r[~g] for r, g in zip(refined, is_gt, strict=True)]

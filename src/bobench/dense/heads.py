@@ -12,10 +12,15 @@ uint8}``; it returns a loss dict in training and, in eval, one dict per image wi
 Head sets (``heads``):
 
 * ``"4conv1fc"``: BoB's heads as torchvision's ``maskrcnn_resnet50_fpn_v2`` builds them: RPN head with two
-  3x3 convs, box head of 4 conv (256, BatchNorm) + 1 fc (1024), mask head of 4 conv (256, BatchNorm).
-  (BoB's ViT configs use LayerNorm in these heads and its CNN configs SyncBN; one BatchNorm set here.)
+  3x3 convs, box head of 4 conv (256, normed) + 1 fc (1024), mask head of 4 conv (256, normed). The norm
+  (``head_norm``) is BoB's per backbone by default: LayerNorm (channel-wise, ``timm`` ``LayerNorm2d``) for
+  plain ViTs, as its ViTDet configs, BatchNorm otherwise (its CNN configs' SyncBN: the trainer converts
+  BatchNorm to SyncBatchNorm under DDP on CUDA).
 * ``"slim"``: CPU tests and demos: one-conv RPN head, ``TwoMLPHead`` with ``representation_size`` units,
   a 2-conv mask head with ``mask_channels``; pair it with small ``rpn_*_top_n`` and ``box_batch_size``.
+
+The cascade's box loss (``box_loss``) is BoB's per backbone by default too: GIoU x10 on decoded boxes for
+CNN and hierarchical backbones, smooth L1 for plain ViTs. Faster / Mask R-CNN keep torchvision's smooth L1.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -84,18 +90,47 @@ class DetectorConfig:
     cascade_loss_weights: tuple[float, ...] = CASCADE_LOSS_WEIGHTS
     class_agnostic: bool = True
     score_mean: Literal["probs", "logits"] = "probs"
+    #: "auto": GIoU for backbones with their own pyramid, smooth L1 for plain ViTs (BoB's configs)
+    box_loss: Literal["auto", "smooth_l1", "giou"] = "auto"
+    giou_weight: float = 10.0
+    #: 4conv1fc heads only; "auto": LayerNorm for plain ViTs, BatchNorm otherwise (BoB's configs)
+    head_norm: Literal["auto", "batch", "layer"] = "auto"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown detector kind {self.kind!r}; choose one of {', '.join(KINDS)}")
         if self.heads not in HEADS:
             raise ValueError(f"unknown head set {self.heads!r}; choose one of {', '.join(HEADS)}")
+        if self.box_loss not in ("auto", "smooth_l1", "giou"):
+            raise ValueError(f"unknown box_loss {self.box_loss!r}; choose auto, smooth_l1 or giou")
+        if self.box_loss == "giou" and not (self.kind.startswith("cascade") and self.class_agnostic):
+            raise ValueError("box_loss='giou' is for the class-agnostic cascade kinds (torchvision's RoIHeads "
+                             "regresses with smooth L1)")  # fmt: skip
+        if self.head_norm not in ("auto", "batch", "layer"):
+            raise ValueError(f"unknown head_norm {self.head_norm!r}; choose auto, batch or layer")
+
+    def for_backbone(self, plain_vit: bool) -> DetectorConfig:
+        """This config with ``"auto"`` choices made as BoB's configs make them for such a backbone."""
+        loss = self.box_loss
+        if loss == "auto":
+            cascade = self.kind.startswith("cascade") and self.class_agnostic
+            loss = "giou" if cascade and not plain_vit else "smooth_l1"
+        norm = self.head_norm if self.head_norm != "auto" else ("layer" if plain_vit else "batch")
+        return dataclasses.replace(self, box_loss=loss, head_norm=norm)
+
+
+def _norm(cfg: DetectorConfig) -> type[nn.Module]:
+    from timm.layers import LayerNorm2d
+
+    if cfg.head_norm == "auto":
+        raise ValueError("resolve head_norm with DetectorConfig.for_backbone first")
+    return LayerNorm2d if cfg.head_norm == "layer" else nn.BatchNorm2d
 
 
 def box_head(cfg: DetectorConfig, channels: int) -> nn.Module:
     """One box head on 7x7 RoIs of ``channels``; its output width is :func:`box_head_width`."""
     if cfg.heads == "4conv1fc":
-        return FastRCNNConvFCHead((channels, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d)
+        return FastRCNNConvFCHead((channels, 7, 7), [256] * 4, [1024], norm_layer=_norm(cfg))
     return TwoMLPHead(channels * 7 * 7, cfg.representation_size)
 
 
@@ -115,7 +150,7 @@ def box_predictor(width: int, num_classes: int, class_agnostic: bool) -> FastRCN
 def mask_branch(cfg: DetectorConfig, channels: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """Mask head and predictor (28x28 masks from 14x14 RoIs)."""
     if cfg.heads == "4conv1fc":
-        head = MaskRCNNHeads(channels, [256] * 4, 1, norm_layer=nn.BatchNorm2d)
+        head = MaskRCNNHeads(channels, [256] * 4, 1, norm_layer=_norm(cfg))
         return head, MaskRCNNPredictor(256, 256, num_classes)
     head = MaskRCNNHeads(channels, [cfg.mask_channels] * 2, 1)
     return head, MaskRCNNPredictor(cfg.mask_channels, cfg.mask_channels, num_classes)
@@ -157,6 +192,7 @@ def build_detector(
         raise ValueError(f"num_classes counts background too (torchvision): need >= 2, got {num_classes}")
 
     neck = BackboneFPN(backbone, cfg.fpn_channels, frozen=cfg.frozen, norm_eval=cfg.norm_eval)
+    cfg = cfg.for_backbone(plain_vit=neck.simple_pyramid)
     ch = neck.out_channels
     anchors = AnchorGenerator(
         tuple((int(cfg.anchor_scale * s),) for s in neck.strides),
@@ -201,7 +237,50 @@ def build_detector(
     model: GeneralizedRCNN = (MaskRCNN if mask else FasterRCNN)(neck, None, **kwargs)
     if cascade:
         model.roi_heads = cascade_roi_heads(cfg, model, ch, num_classes)
+    decode_in_float32(model)
     return model
+
+
+def _float32(x: Any) -> Any:
+    """``x`` with every floating tensor inside (tensors, lists, tuples) in float32 (as is when it is)."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, list | tuple):
+        return type(x)(_float32(v) for v in x)
+    return x
+
+
+def _float32_outputs(module: nn.Module, args: Any, output: Any) -> Any:
+    return _float32(output)
+
+
+def _float32_anchors(module: nn.Module, args: Any) -> Any:
+    """The anchor generator's feature maps as float32 stand-ins of the same shape (it reads only their
+    shape, dtype and device; zero-stride views, nothing allocated), so anchors are built in float32."""
+    images, features = args
+    if all(f.dtype == torch.float32 for f in features):
+        return None
+    return images, [torch.zeros((), dtype=torch.float32, device=f.device).expand(f.shape) for f in features]
+
+
+def decode_in_float32(model: GeneralizedRCNN) -> None:
+    """Box geometry and scores in float32 under autocast (mmdet's ``force_fp32`` on its heads' decoding).
+
+    torchvision builds anchors in the feature maps' dtype and decodes boxes in the head outputs' dtype, and
+    its RoI heads cast the ground-truth boxes to the proposals' dtype: under bf16 autocast anchors, proposals,
+    regression targets and detections would be bfloat16 (8 significant bits: 4-8 px steps at 1024 px) and
+    scores would tie. Forward hooks (no new modules: the state_dict is unchanged) make the anchors and the
+    outputs of the RPN head, box predictor(s) and mask predictor float32; the convolutions and linear
+    layers still run in the autocast dtype. In float32 they change nothing.
+    """
+    model.rpn.anchor_generator.register_forward_pre_hook(_float32_anchors)
+    heads = model.roi_heads
+    boxes = heads.box_predictors if isinstance(heads, CascadeRoIHeads) else [heads.box_predictor]
+    predictors = [model.rpn.head, *boxes]
+    if heads.mask_predictor is not None:
+        predictors.append(heads.mask_predictor)
+    for m in predictors:
+        m.register_forward_hook(_float32_outputs)
 
 
 def cascade_roi_heads(
@@ -222,6 +301,8 @@ def cascade_roi_heads(
         stage_loss_weights=cfg.cascade_loss_weights,
         class_agnostic=cfg.class_agnostic,
         score_mean=cfg.score_mean,
+        box_loss="giou" if cfg.box_loss == "giou" else "smooth_l1",
+        box_loss_weight=cfg.giou_weight if cfg.box_loss == "giou" else 1.0,
         batch_size_per_image=cfg.box_batch_size_per_image,
         positive_fraction=cfg.box_positive_fraction,
         score_thresh=cfg.box_score_thresh,

@@ -195,6 +195,11 @@ class BackboneFPN(nn.Module):
         self.train(self.training)
 
     @property
+    def simple_pyramid(self) -> bool:
+        """Whether a plain ViT feeds a learned ViTDet simple pyramid (else an FPN over the backbone's maps)."""
+        return isinstance(self.pyramid, SimpleFeaturePyramid)
+
+    @property
     def featmap_names(self) -> list[str]:
         """Names of the levels RoIAlign pools from (all but ``"pool"``, as torchvision's FPN detectors)."""
         return self.names[:-1]
