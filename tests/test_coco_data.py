@@ -113,6 +113,35 @@ def test_coco_items_match_hand_computed_targets(coco_dir: Path) -> None:
     assert ds.coco_gt["annotations"][0]["area"] == 24.0 and ds.coco_gt["annotations"][3]["iscrowd"] == 0
 
 
+def test_an_ignored_region_is_a_crowd_for_training_and_for_coco_ap(tmp_path: Path) -> None:
+    """Detections only on the normal object: with the ignored object counted, recall stops at 1/2 (AP
+    about 0.5); honoured as a crowd, AP is 1. pycocotools alone would overwrite ``ignore`` with
+    ``iscrowd`` (0) and count it."""
+    from bobench.dense.coco_eval import coco_metrics
+
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 20}],
+        "categories": [{"id": 1, "name": "car"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "area": 100.0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [25, 5, 10, 10], "area": 100.0, "ignore": 1},
+        ],
+    }
+    _write_images(tmp_path / "images", coco)
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    ds = _load(tmp_path)
+    assert ds[0][1]["iscrowd"].tolist() == [0, 1]
+    ds.drop_crowd = True
+    assert ds[0][1]["boxes"].tolist() == [[2, 2, 12, 12]]
+    found = [{"image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "score": 0.9}]
+    assert coco_metrics(ds.coco_gt, found, iou_types=("bbox",))["box_AP"] == pytest.approx(1.0)
+    assert coco_metrics(coco, found, iou_types=("bbox",))["box_AP"] == pytest.approx(0.5, abs=0.01)  # raw
+    coco["annotations"][1]["ignore"] = 2
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    with pytest.raises(DatasetError, match=r"annotation id 2: ignore 2 is not 0 or 1"):
+        _load(tmp_path)
+
+
 def test_drop_flags_and_collate(coco_dir: Path) -> None:
     ds = _load(coco_dir)
     ds.drop_degenerate, ds.drop_crowd = True, True

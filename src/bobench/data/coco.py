@@ -98,6 +98,10 @@ def segmentation_to_rle(seg: list | dict, height: int, width: int) -> dict[str, 
 def _validate(data: object, source: str) -> tuple[dict[int, dict], dict[int, dict], dict[int, list[dict]]]:
     """Check a COCO dict; fill in ``iscrowd`` (0) and ``area`` (mask, else box area) where missing.
 
+    An annotation with ``"ignore": 1`` (some converters' flag for a region to neither learn nor score) is
+    made a crowd (``iscrowd = 1``): pycocotools' ``COCOeval`` would otherwise overwrite its ``ignore``
+    with ``iscrowd`` and count it as a positive, and as a crowd it leaves training as crowds do.
+
     Returns:
         ``(images by id, categories by id, annotations by image id)``.
     """
@@ -155,6 +159,10 @@ def _validate(data: object, source: str) -> tuple[dict[int, dict], dict[int, dic
             raise fail(what, f"bbox {box!r} has a negative width or height")
         if ann.setdefault("iscrowd", 0) not in (0, 1):
             raise fail(what, f"iscrowd {ann['iscrowd']!r} is not 0 or 1")
+        if ann.get("ignore", 0) not in (0, 1):
+            raise fail(what, f"ignore {ann['ignore']!r} is not 0 or 1")
+        if ann.get("ignore"):  # pycocotools overwrites 'ignore' with 'iscrowd': an ignored region is a crowd
+            ann["iscrowd"] = 1
         img = images[ann["image_id"]]
         seg = ann.get("segmentation")
         if with_masks and not seg:
