@@ -27,7 +27,8 @@ def _first_line(text: str) -> str:
 
 def _plan_lines(n_backbones: int, n_tasks: int, planned: int, skipped: int, db: Path) -> list[str]:
     return [
-        f"plan: {n_backbones} backbone(s) x {n_tasks} task(s) = {planned} cell(s); "
+        f"plan: {n_backbones} backbone(s) x {n_tasks} task(s)"
+        f"{'' if planned == n_backbones * n_tasks else ' x their seeds'} = {planned} cell(s); "
         f"{skipped} already in {db} (skipped), {planned - skipped} to run."
     ]
 
