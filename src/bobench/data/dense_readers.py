@@ -28,11 +28,11 @@ import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
 
 import numpy as np
 
 from bobench.data.errors import DatasetError
+from bobench.data.schemes import need_path, parse_scheme_spec
 from bobench.data.splits import SPLITS, split_params, stratified_split
 from bobench.registry import suggest
 
@@ -54,25 +54,7 @@ def split_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     Raises:
         DatasetError: an option the scheme does not accept.
     """
-    body, _, query = spec.strip().partition("?")
-    scheme, sep, path = body.partition(":")
-    if not sep:
-        scheme, path = "", body
-    options = dict(parse_qsl(query, keep_blank_values=True))
-    allowed = SCHEMES.get(scheme, ())
-    for key in options:
-        if key not in allowed:
-            raise DatasetError(
-                f"detection spec {spec!r}: unknown option {key!r}.{suggest(key, list(allowed))} "
-                f"{scheme or 'this dataset'} accepts {', '.join(allowed) or 'no options'}."
-            )
-    return scheme, os.path.expanduser(path), options
-
-
-def _need(path: str, what: str, fix: str) -> str:
-    if not os.path.exists(path):
-        raise DatasetError(f"{what} {path} does not exist; {fix}.")
-    return path
+    return parse_scheme_spec(spec, SCHEMES, "detection")
 
 
 def load_detection_dataset(
@@ -135,9 +117,11 @@ def load_detection_dataset(
 def _load_coco2017(root: str, split: str, transforms: Transforms | None) -> DetectionDataset:
     name = "train2017" if split == "train" else "val2017"
     fix = "the COCO 2017 layout is ROOT/annotations/instances_{train,val}2017.json and ROOT/{train,val}2017/"
-    _need(root, "COCO root", fix)
-    json_path = _need(os.path.join(root, "annotations", f"instances_{name}.json"), "COCO annotations", fix)
-    images = _need(os.path.join(root, name), "COCO image folder", fix)
+    need_path(root, "COCO root", fix)
+    json_path = need_path(
+        os.path.join(root, "annotations", f"instances_{name}.json"), "COCO annotations", fix
+    )
+    images = need_path(os.path.join(root, name), "COCO image folder", fix)
     return _from_json(json_path, images, "coco", split, transforms)
 
 
@@ -165,9 +149,11 @@ def _load_cocojson(
             f"{json_path} is declared as the {declared!r} split (split={declared}); asked for {split!r}. "
             "Give that split its own cocojson spec."
         )
-    _need(json_path, "COCO json", "give the path of an instances json (cocojson:/path/instances.json)")
+    need_path(json_path, "COCO json", "give the path of an instances json (cocojson:/path/instances.json)")
     images = options.get("images") or os.path.dirname(os.path.abspath(json_path))
-    _need(images, "image folder", "set ?images=/path/to/images to the folder of the json's file_name paths")
+    need_path(
+        images, "image folder", "set ?images=/path/to/images to the folder of the json's file_name paths"
+    )
     return _from_json(json_path, images, "cocojson", split, transforms)
 
 
@@ -218,9 +204,11 @@ def sim10k_coco(
         DatasetError: a missing folder, an unreadable or malformed xml (named), an xml without image.
     """
     fix = "Sim10k's layout is ROOT/Annotations/<stem>.xml and ROOT/JPEGImages/<stem>.jpg"
-    _need(os.path.join(root, "JPEGImages"), "Sim10k image folder", fix)
+    need_path(os.path.join(root, "JPEGImages"), "Sim10k image folder", fix)
     xmls = sorted(
-        glob.glob(os.path.join(_need(os.path.join(root, "Annotations"), "Sim10k annotations", fix), "*.xml"))
+        glob.glob(
+            os.path.join(need_path(os.path.join(root, "Annotations"), "Sim10k annotations", fix), "*.xml")
+        )
     )
     if not xmls:
         raise DatasetError(f"Sim10k annotations folder {root}/Annotations has no .xml files; {fix}.")
@@ -251,7 +239,7 @@ def sim10k_coco(
         else:  # read the header only
             from PIL import Image
 
-            with Image.open(_need(os.path.join(root, file_name), "Sim10k image", fix)) as im:
+            with Image.open(need_path(os.path.join(root, file_name), "Sim10k image", fix)) as im:
                 width, height = im.size
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for obj in tree.iter("object"):
@@ -363,8 +351,8 @@ def cityscapes_coco(root: str, split: str, cache: bool = True) -> dict[str, Any]
     fix = (
         "Cityscapes' layout is ROOT/gtFine/{train,val}/<city>/*_gtFine_polygons.json and ROOT/leftImg8bit/..."
     )
-    gt_dir = _need(os.path.join(root, "gtFine", split), "Cityscapes annotations folder", fix)
-    _need(os.path.join(root, "leftImg8bit", split), "Cityscapes image folder", fix)
+    gt_dir = need_path(os.path.join(root, "gtFine", split), "Cityscapes annotations folder", fix)
+    need_path(os.path.join(root, "leftImg8bit", split), "Cityscapes image folder", fix)
     files = sorted(glob.glob(os.path.join(gt_dir, "*", "*_gtFine_polygons.json")))
     if not files:
         raise DatasetError(f"Cityscapes folder {gt_dir} has no <city>/*_gtFine_polygons.json files; {fix}.")
