@@ -142,11 +142,13 @@ class FeatureSet:
         return feats.astype(np.float32, copy=False), self.labels
 
 
-def _sha(obj: Any) -> str:
+def config_sha(obj: Any) -> str:
+    """sha256 of ``obj``'s canonical JSON (sorted keys, no spaces): a cache key of plain data."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling, synced, then renamed (never half written)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -175,7 +177,8 @@ def _worker_errors_unwrapped() -> Iterator[None]:
         raise original from None
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an accelerator out-of-memory error (retry with a smaller batch)."""
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
@@ -213,7 +216,7 @@ class FeatureStore:
         """The cache key of ``backbone`` on ``dataset`` under ``options``."""
         options = options or ExtractOptions()
         placement = resolve_placement(options.device, options.precision)
-        return _sha(self.key_fields(backbone, dataset, options, placement))
+        return config_sha(self.key_fields(backbone, dataset, options, placement))
 
     def get(self, key: str) -> FeatureSet | None:
         """A complete feature set for ``key``, or None."""
@@ -244,7 +247,7 @@ class FeatureStore:
         options = options or ExtractOptions()
         placement = resolve_placement(options.device, options.precision)
         fields = self.key_fields(backbone, dataset, options, placement)
-        key = _sha(fields)
+        key = config_sha(fields)
         hit = self.get(key)
         if hit is not None:
             return hit
@@ -293,7 +296,7 @@ class FeatureStore:
                 {"index": index, "file": f"{name}.npy", "labels": f"{name}.labels.npy", "n": len(labels)}
             )
             manifest["shards"].sort(key=lambda s: s["index"])
-            _atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+            atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
         wall = time.perf_counter() - t0
         manifest["complete"] = True
         manifest["stats"] = {
@@ -307,7 +310,7 @@ class FeatureStore:
             "resumed_shards": len(done),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        _atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+        atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
         return FeatureSet(key, folder, manifest, cache_hit=not indices)
 
     @staticmethod
@@ -370,7 +373,7 @@ class FeatureStore:
                             outs.append(model.embed(chunk).float())
                     return torch.cat(outs) if len(outs) > 1 else outs[0]
                 except (torch.OutOfMemoryError, RuntimeError) as exc:
-                    if not _is_oom(exc) or fwd_bs == 1:
+                    if not is_oom(exc) or fwd_bs == 1:
                         raise
                     fwd_bs = max(1, fwd_bs // 2)  # back off and retry this batch
                     if placement.device.type == "cuda":
