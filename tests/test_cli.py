@@ -88,8 +88,9 @@ def test_backbones_show_prints_counted_card() -> None:
 def test_datasets_list() -> None:
     rows = json.loads(run("datasets", "list", "--json").stdout)
     kinds = {r["name"]: r["kind"] for r in rows}
-    assert {k: kinds.get(k) for k in ("patches13", "mnist5k", "mnist-det", "nuclei")} == {
+    assert {k: kinds.get(k) for k in ("patches13", "mnist5k", "mnist-det", "nuclei", "mnist-seg")} == {
         "patches13": "classification", "mnist5k": "classification", "mnist-det": "detection", "nuclei": "detection",
+        "mnist-seg": "segmentation",
     }  # fmt: skip
     assert next(r for r in rows if r["name"] == "mnist-det")["n_classes"] == 10
 

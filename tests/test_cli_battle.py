@@ -162,9 +162,9 @@ def test_the_bob_suite_without_weights_or_data_says_so_in_a_few_lines(tmp_path: 
     env = {"BOBENCH_WEIGHTS": str(tmp_path / "weights"), "HF_HUB_OFFLINE": "1", "BOBENCH_OFFLINE": "1"}
     dry = run(*args, "--dry-run", cwd=tmp_path, env=env)
     assert dry.returncode == 1
-    assert "1404 cell(s)" in dry.stdout  # 52 backbones x 27 tasks and "nothing was run" in dry.stdout
+    assert "1612 cell(s)" in dry.stdout  # 52 backbones x 31 tasks and "nothing was run" in dry.stdout
     assert "52 backbone(s) lack weights" in dry.stderr and "bobench backbones fetch --suite bob" in dry.stderr
-    assert "dataset path(s) do not exist: aircraft (/data/fgvc-aircraft)" in dry.stderr
+    assert "dataset path(s) do not exist: ade20k (/data/ADEChallengeData2016), aircraft (" in dry.stderr
     assert not (tmp_path / "r.db").exists() or not _rows(tmp_path / "r.db")
     strict = run(*args, "--strict", cwd=tmp_path, env=env)
     assert strict.returncode == 1 and "--strict: stopping before any work" in strict.stderr
@@ -172,9 +172,9 @@ def test_the_bob_suite_without_weights_or_data_says_so_in_a_few_lines(tmp_path: 
     assert full.returncode == 1
     lines = (full.stdout + full.stderr).strip().splitlines()
     assert len(lines) <= 12, lines  # a few lines, not one per cell
-    assert "1404 blocked by the preflight" in full.stdout
+    assert "1612 blocked by the preflight" in full.stdout
     rows = _rows(tmp_path / "r.db")
-    assert len(rows) == 1404 and {r[2] for r in rows} == {"failed"}
+    assert len(rows) == 1612 and {r[2] for r in rows} == {"failed"}
     assert all(r[3].startswith("preflight: ") and "Fix: " in r[3] for r in rows)
     page = (tmp_path / "report" / "index.html").read_text()  # the full list is in the report too
     assert "bob/sd-v1-encoder" in page and "preflight" in page

@@ -100,20 +100,23 @@ def dataset_path(spec: str) -> str | None:
     Raises:
         DatasetError: the spec itself is malformed (a usage error, reported before any work).
     """
+    from bobench.data import dense_readers, seg_files
     from bobench.data.dense_embedded import DENSE_CATALOG
-    from bobench.data.dense_readers import SCHEMES as DETECTION_SCHEMES
-    from bobench.data.dense_readers import split_spec
     from bobench.data.errors import DatasetError
+    from bobench.data.seg_files import SEG_CATALOG
     from bobench.data.spec import DatasetSpec
 
     try:
         return DatasetSpec.parse(spec).path
     except DatasetError:
-        # a detection spec (coco:/..., sim10k:/...), which the classification parser does not know
-        scheme, path, _ = split_spec(spec)
-        if scheme in DETECTION_SCHEMES and path:
+        # a detection (coco:/..., sim10k:/...) or segmentation (ade20k:/..., voc:/...) spec, which the
+        # classification parser does not know; each reader parses (and checks the options of) its own
+        scheme = spec.strip().partition("?")[0].partition(":")[0] if ":" in spec else ""
+        reader = seg_files if scheme in seg_files.SCHEMES else dense_readers
+        scheme, path, _ = reader.split_spec(spec)
+        if scheme in reader.SCHEMES and path:
             return path
-        if scheme in ("", "embedded") and path in DENSE_CATALOG:
+        if scheme in ("", "embedded") and (path in DENSE_CATALOG or path in SEG_CATALOG):
             return None
         raise
 

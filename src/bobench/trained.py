@@ -21,12 +21,13 @@ def checkpoint_root(cache_dir: str | os.PathLike) -> Path:
     return Path(cache_dir) / "checkpoints"
 
 
-def _data(task):
-    from bobench.data import DatasetError, load_dataset, load_detection_dataset
+def _data(task, cache_dir: str | os.PathLike | None = None):
+    from bobench.data import DatasetError, load_dataset, load_detection_dataset, load_segmentation_dataset
     from bobench.protocols import protocol_data
     from bobench.protocols.base import TrainData
 
-    load = load_detection_dataset if protocol_data(task.protocol) == "detection" else load_dataset
+    readers = {"detection": load_detection_dataset, "segmentation": load_segmentation_dataset}
+    load = readers.get(protocol_data(task.protocol), load_dataset)
     splits = {}
     for split in task.splits:
         try:
@@ -49,6 +50,7 @@ def _data(task):
         multilabel=bool(getattr(train, "multilabel", False)),
         image_size=task.image_size,
         ood={name: load(spec, split="test") for name, spec in task.ood.items()},
+        cache_dir=None if cache_dir is None else str(cache_dir),
     )
 
 
@@ -69,7 +71,7 @@ def run_trained(pc: PlannedCell, group: WorkGroup) -> CellOutcome:
     card = backbone.card.to_dict()
     common = {"card": card, "device": str(placement.device), "dtype": placement.precision}
     try:
-        data = _data(pc.task)
+        data = _data(pc.task, group.cache_dir)
     except Exception as exc:
         return failed(pc, f"dataset {pc.task.dataset}", error_text(exc), **common)
     folder = checkpoint_root(group.cache_dir) / pc.cell.config_hash[:32]

@@ -430,7 +430,7 @@ def predict_batches(
                 with torch.inference_mode(), placement.autocast_context():
                     out = model(x)
                 yield out, y
-                bar.advance(len(x))
+                bar.advance(len(y))  # targets count the images (inputs may be a tuple of parts)
     finally:
         model.train(was_training)
 

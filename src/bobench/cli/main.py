@@ -41,21 +41,28 @@ app.command("report")(report_cmd)
 # -- datasets ----------------------------------------------------------------------------------------
 @datasets_app.command("list")
 def datasets_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """List the embedded datasets (classification, then detection / instance segmentation). Your own:
-    imagefolder:PATH, csv:MANIFEST.csv or a YAML spec; coco:/cocojson:, sim10k:, cityscapes: for detection."""
+    """List the embedded datasets (classification, detection / instance segmentation, semantic segmentation).
+    Your own: imagefolder:PATH, csv:MANIFEST.csv or a YAML spec; coco:, cocojson:, sim10k:, cityscapes: for
+    detection; ade20k:, voc:, cityscapes-seg:, segfolder: for semantic segmentation."""
     from bobench.data import list_datasets
     from bobench.data.dense_embedded import list_detection_datasets
+    from bobench.data.seg_files import list_segmentation_datasets
 
     rows = [{"name": r["name"], "kind": "classification", **r} for r in list_datasets()]
-    for r in list_detection_datasets():  # same columns: the class count, not the names
-        dense = {k: v for k, v in r.items() if k not in ("classes", "version")}
-        rows.append({"name": r["name"], "kind": "detection", **dense, "n_classes": len(r["classes"])})
+    for kind, listed in (
+        ("detection", list_detection_datasets()),
+        ("segmentation", list_segmentation_datasets()),
+    ):
+        for r in listed:  # same columns: the class count, not the names
+            dense = {k: v for k, v in r.items() if k not in ("classes", "version", "derived_from")}
+            rows.append({"name": r["name"], "kind": kind, **dense, "n_classes": len(r["classes"])})
     columns = ["name", "kind", "description", "n_classes", "split_sizes", "image_size", "source", "license"]
     _emit(rows, columns, "datasets", as_json)
     if not as_json:
         typer.echo(
             "Also: imagefolder:/path/to/root, csv:/path/manifest.csv or a dataset YAML file; for detection "
-            "coco:/path/to/coco, cocojson:/path/instances.json?images=DIR, sim10k:/path, cityscapes:/path."
+            "coco:/path/to/coco, cocojson:/path/instances.json?images=DIR, sim10k:/path, cityscapes:/path; "
+            "for segmentation ade20k:/path, voc:/path?sbd=/path, cityscapes-seg:/path, segfolder:/path."
         )
 
 

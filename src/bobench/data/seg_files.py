@@ -45,6 +45,24 @@ import numpy as np
 from bobench.data.dense_embedded import DENSE_CATALOG, datasets_cache_root, write_embedded
 from bobench.data.errors import DatasetError
 from bobench.data.manifest import IMAGE_EXTENSIONS
+from bobench.data.schemes import parse_scheme_spec
+
+SCHEMES: dict[str, tuple[str, ...]] = {  # scheme -> the options it accepts
+    "ade20k": ("check_sizes",),
+    "voc": ("sbd", "check_sizes"),
+    "cityscapes-seg": ("check_sizes",),
+    "segfolder": ("classes", "check_sizes"),
+}
+
+
+def split_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+    """``"voc:/data?sbd=/s"`` -> ``("voc", "/data", {"sbd": "/s"})``; a bare name has scheme ``""``.
+
+    Raises:
+        DatasetError: an option the scheme does not accept.
+    """
+    return parse_scheme_spec(spec, SCHEMES, "segmentation")
+
 
 IGNORE_INDEX = 255  # the mask value of unlabelled pixels, in every segmentation dataset
 FOLDER_LAYOUT = "a segfolder is ROOT/images/<split>/<name>.<jpg|png|...> and ROOT/masks/<split>/<name>.png"

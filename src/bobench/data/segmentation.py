@@ -51,29 +51,24 @@ from bobench.data import seg_files
 from bobench.data.errors import DatasetError
 from bobench.data.images import open_rgb
 from bobench.data.manifest import ManifestHasher, PathTable, regular_file_stat
-from bobench.data.schemes import need_path, parse_scheme_spec
+from bobench.data.schemes import need_path
 from bobench.data.seg_files import (
     ADE20K_CLASSES,
     CITYSCAPES_CLASSES,
     IGNORE_INDEX,
+    SCHEMES,
     VOC_CLASSES,
     ade20k_label_map,
     cityscapes_label_map,
     identity_map,
     mask_size,
     read_mask,
+    split_spec,
 )
 from bobench.data.splits import SPLITS
 from bobench.registry import suggest
 
 Transforms = Callable[[Any, Any], tuple[Any, Any]]
-
-SCHEMES: dict[str, tuple[str, ...]] = {  # scheme -> the options it accepts
-    "ade20k": ("check_sizes",),
-    "voc": ("sbd", "check_sizes"),
-    "cityscapes-seg": ("check_sizes",),
-    "segfolder": ("classes", "check_sizes"),
-}
 
 
 class SegmentationDataset(Dataset):
@@ -217,6 +212,15 @@ class SegmentationDataset(Dataset):
             )
         return mapped.astype(np.int64)
 
+    def load_mask(self, i: int) -> torch.Tensor:
+        """Item ``i``'s mask alone (int64 ``[H, W]``), without decoding its image (no size check).
+
+        Raises:
+            DatasetError: an unreadable mask or an invalid value (see the class).
+        """
+        mask_path = self.paths(i)[1]
+        return torch.from_numpy(self.map_labels(read_mask(mask_path), mask_path))
+
     def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Item ``i`` before ``transforms``.
 
@@ -246,15 +250,6 @@ class SegmentationDataset(Dataset):
             f"SegmentationDataset({self.kind}, split={self.split!r}, n={len(self)}, "
             f"classes={self.n_classes}, hash={self.manifest_hash[:12]})"
         )
-
-
-def split_spec(spec: str) -> tuple[str, str, dict[str, str]]:
-    """``"voc:/data?sbd=/s"`` -> ``("voc", "/data", {"sbd": "/s"})``; a bare name has scheme ``""``.
-
-    Raises:
-        DatasetError: an option the scheme does not accept.
-    """
-    return parse_scheme_spec(spec, SCHEMES, "segmentation")
 
 
 def _official(scheme: str, split: str, test_folder: str) -> None:

@@ -56,8 +56,16 @@ def protocol_kind(name: str) -> str:
     return str(PROTOCOLS[name].meta.get("kind", "frozen"))
 
 
+# data="segmentation": read with bobench.data.load_segmentation_dataset (image, class-index mask)
+PROTOCOLS.register(
+    "segmentation", "bobench.protocols.segmentation:run", kind="trained", needs="images", data="segmentation",
+    params="bobench.protocols.segmentation:resolve_params",
+)  # fmt: skip
+
+
 def protocol_data(name: str) -> str:
-    """How a trained protocol's datasets are read: ``"images"`` (classification) or ``"detection"``."""
+    """How a trained protocol's datasets are read: ``"images"`` (classification), ``"detection"`` or
+    ``"segmentation"``."""
     return str(PROTOCOLS[name].meta.get("data", "images"))
 
 

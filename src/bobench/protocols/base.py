@@ -132,10 +132,40 @@ class TrainData:
     image_size: int | None = None
     #: shifted test sets ``{name: dataset}`` (the task's ``ood``), scored by the trained model too
     ood: dict[str, Any] = field(default_factory=dict)
+    #: the run's cache folder (``--cache-dir``), for protocols that cache frozen outputs (segmentation's
+    #: feature maps under ``<cache_dir>/maps``); None: the default cache
+    cache_dir: str | None = None
 
     @property
     def n_classes(self) -> int:
         return len(self.classes)
+
+
+def split_train_val(
+    data: TrainData, val_fraction: float, seed: int
+) -> tuple[np.ndarray, Any, np.ndarray, dict]:
+    """``(train indices, val dataset, val indices, info)`` of a trained protocol's data.
+
+    The dataset's own val split when it has one; else ``val_fraction`` of train held out, drawn with
+    ``seed`` (so each seed of a cell holds out its own images). ``info`` records the source and sizes.
+
+    Raises:
+        ValueError: train is too small to hold a val split out of it.
+    """
+    n = len(data.train)
+    info: dict[str, Any] = {"val_source": "dataset" if data.val is not None else "held out of train"}
+    if data.val is not None:
+        index = np.arange(n)
+        val_base, val_index = data.val, np.arange(len(data.val))
+    else:
+        order = np.random.default_rng([seed, 104729]).permutation(n)
+        n_val = max(1, round(float(val_fraction) * n))
+        if n - n_val < 1:
+            raise ValueError(f"the train split has {n} images: too few to hold out a val split")
+        index, val_index = np.sort(order[n_val:]), np.sort(order[:n_val])
+        val_base = data.train
+    info["n_train"], info["n_val"], info["n_test"] = len(index), len(val_index), len(data.test)
+    return index, val_base, val_index, info
 
 
 @dataclass

@@ -29,7 +29,13 @@ import torch
 from torch import nn
 
 from bobench.options import RunOptions
-from bobench.protocols.base import ProtocolResult, TrainData, check_param_keys, is_positive_number
+from bobench.protocols.base import (
+    ProtocolResult,
+    TrainData,
+    check_param_keys,
+    is_positive_number,
+    split_train_val,
+)
 
 DEFAULTS: dict[str, Any] = {
     "detector": "cascade_mask_rcnn",  # mask_rcnn | cascade_mask_rcnn | faster_rcnn | cascade_rcnn
@@ -116,26 +122,6 @@ def _view(dataset: Any, transforms: Any, training: bool) -> Any:
     out.transforms = transforms
     out.drop_degenerate = out.drop_crowd = training
     return out
-
-
-def _splits(
-    data: TrainData, p: dict[str, Any], seed: int
-) -> tuple[np.ndarray, Any, np.ndarray, dict[str, Any]]:
-    """``(train indices, val dataset, val indices, info)``: val held out of train (seeded) when absent."""
-    n = len(data.train)
-    info: dict[str, Any] = {"val_source": "dataset" if data.val is not None else "held out of train"}
-    if data.val is not None:
-        index = np.arange(n)
-        val_base, val_index = data.val, np.arange(len(data.val))
-    else:
-        order = np.random.default_rng([seed, 104729]).permutation(n)
-        n_val = max(1, round(float(p["val_fraction"]) * n))
-        if n - n_val < 1:
-            raise ValueError(f"the train split has {n} images: too few to hold out a val split")
-        index, val_index = np.sort(order[n_val:]), np.sort(order[:n_val])
-        val_base = data.train
-    info["n_train"], info["n_val"], info["n_test"] = len(index), len(val_index), len(data.test)
-    return index, val_base, val_index, info
 
 
 def _train_transforms(p: dict[str, Any], size: int) -> Any:
@@ -256,7 +242,7 @@ def run(
     size = int(data.image_size or backbone.preprocess()["input_size"][-1])
     masks = data.train.has_masks and "mask" in p["detector"]  # a box-only detector on masked data: boxes
     select_on = p["select_on"]
-    index, val_base, val_index, info = _splits(data, p, seed)
+    index, val_base, val_index, info = split_train_val(data, p["val_fraction"], seed)
     train = _Images(_view(data.train, _train_transforms(p, size), training=True), index)
     val = _Images(_view(val_base, None, training=False), val_index)
     test = _Images(_view(data.test, None, training=False), np.arange(len(data.test)))

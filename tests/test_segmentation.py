@@ -1,0 +1,173 @@
+"""The segmentation protocol end to end: cells recorded with mIoU, maps cached once and reused, the cached
+and uncached evaluations agreeing, end-to-end UPerNet with sliding windows, and bad parameters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bobench.options import RunOptions
+from bobench.protocols import segmentation
+from bobench.runner import run_battle
+from bobench.store import ResultStore
+
+OPTS = RunOptions(device="cpu", num_workers=0, progress=False, checkpoint_minutes=None, batch_size=8)
+CLASSES = ["background", "square", "bar"]
+
+
+def _segfolder(root: Path, sizes: dict[str, int], seed: int = 0) -> Path:
+    """A segfolder of 40x48 px noise images with a bright square (class 1) and a dark bar (class 2);
+    a 2 px border of every mask is 255 (ignored)."""
+    rng = np.random.default_rng(seed)
+    for split, n in sizes.items():
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(60, 120, size=(40, 48, 3), dtype=np.uint8)
+            mask = np.zeros((40, 48), np.uint8)
+            x, y, s = (int(v) for v in rng.integers(4, 20, size=3))
+            pixels[y : y + s, x : x + s] = 230
+            mask[y : y + s, x : x + s] = 1
+            bx = int(rng.integers(30, 44))
+            pixels[:, bx : bx + 3] = 10
+            mask[:, bx : bx + 3] = 2
+            mask[:2], mask[-2:], mask[:, :2], mask[:, -2:] = 255, 255, 255, 255
+            Image.fromarray(pixels).save(root / "images" / split / f"{i:03d}.png")
+            Image.fromarray(mask).save(root / "masks" / split / f"{i:03d}.png")
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return root
+
+
+def _task(tmp_path: Path, name: str, dataset: str, **params) -> Path:
+    body = {"version": 1, "dataset": dataset, "protocol": "segmentation", "image_size": 32,
+            "params": {"epochs": 2, "lr": 1e-2, "batch_size": 8, **params}, "primary": "mIoU"}  # fmt: skip
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(body))
+    return path
+
+
+def _rows(db: Path):
+    with ResultStore(db, readonly=True) as store:
+        return store.results(status=None)
+
+
+def test_a_cached_linear_cell_is_recorded_and_another_task_reuses_the_maps(tmp_path: Path) -> None:
+    data = _segfolder(tmp_path / "data", {"train": 24, "test": 8})
+    spec = f"segfolder:{data}"
+    first, second = _task(tmp_path, "a", spec), _task(tmp_path, "b", spec, lr=3e-3, maps="all")
+    third = _task(tmp_path, "c", spec, lr=3e-3)
+    db = tmp_path / "r.db"
+    with ResultStore(db) as store:
+        s = run_battle(
+            ["random/timm:test_resnet"], [first, second, third], store=store, cache_dir=tmp_path / "c",
+            options=OPTS,
+        )  # fmt: skip
+    assert (s.done, s.failed) == (3, 0), s.failures and s.failures[0].error
+    rows = _rows(db)
+    assert set(rows["metric"]) == {"mIoU", "mAcc", "pixel_acc"}
+    assert rows["value"].between(0, 1).all()
+    infos = {r.task: json.loads(r.config_json)["info"] for r in rows.drop_duplicates("task").itertuples()}
+    assert all(i["cached_maps"] and i["val_source"] == "held out of train" for i in infos.values())
+    assert infos["a"]["n_train"] + infos["a"]["n_val"] == 24 and infos["a"]["n_test"] == 8
+    # task a extracted train and test maps; b reads all maps (another key); c reuses a's
+    assert [infos["a"]["map_cache"][k]["hit"] for k in ("train", "test")] == [False, False]
+    assert [infos["b"]["map_cache"][k]["hit"] for k in ("train", "test")] == [False, False]
+    assert [infos["c"]["map_cache"][k]["hit"] for k in ("train", "test")] == [True, True]
+    assert infos["a"]["maps"] != infos["b"]["maps"]
+    assert set(infos["a"]["per_class_iou"]) == set(CLASSES)
+
+
+@pytest.mark.parametrize("spec", ["random/timm:test_resnet", "random/timm:test_vit"])  # ViT: pads to 16
+def test_cached_and_uncached_whole_image_scores_agree(tmp_path: Path, spec: str) -> None:
+    """The same head scored from cached maps and by running the backbone on each image (whole mode)."""
+    from bobench import create_backbone
+    from bobench.data import load_segmentation_dataset
+    from bobench.dense.segmentation import build_segmenter
+    from bobench.map_cache import MapStore
+
+    data = _segfolder(tmp_path / "data", {"test": 10}, seed=3)
+    ds = load_segmentation_dataset(f"segfolder:{data}", split="test")
+    torch.manual_seed(0)
+    seg = build_segmenter(create_backbone(spec), 3, "linear", maps="all").eval()
+    cached = MapStore(tmp_path / "maps").get_or_extract(seg, ds, 32, OPTS, dtype="float32")
+    p = segmentation.resolve_params({})
+    idx = np.arange(len(ds))
+    a = segmentation.score(
+        segmentation.HeadOnImageMaps(seg, 32), segmentation.CachedEvalSet(cached, ds, idx), 3, OPTS, "cached"
+    )
+    b = segmentation.score(segmentation.Predictor(seg, 3, 32, p), ds, 3, OPTS, "whole")
+    assert a["pixels"] == b["pixels"] == int(sum((ds.load_mask(i) != 255).sum() for i in idx))
+    assert a["mIoU"] == pytest.approx(b["mIoU"], abs=1e-3) and a["pixel_acc"] == pytest.approx(
+        b["pixel_acc"], abs=1e-3
+    )
+
+
+def test_score_by_hand() -> None:
+    """An oracle scores 1; predicting background everywhere scores background's IoU over 2 classes."""
+    masks = [torch.tensor([[0, 0, 1], [1, 255, 0]]), torch.tensor([[1, 1], [0, 0]])]
+    items = [(m.float().unsqueeze(0), m) for m in masks]
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.one_hot(x[:, 0].long().clamp(max=2), 3).permute(0, 3, 1, 2).float()
+
+    class Background(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack(
+                [torch.ones_like(x[:, 0]), torch.zeros_like(x[:, 0]), torch.zeros_like(x[:, 0])], 1
+            )
+
+    assert segmentation.score(Oracle(), items, 3, OPTS, "oracle")["mIoU"] == 1.0
+    got = segmentation.score(Background(), items, 3, OPTS, "bg")
+    # 9 labelled pixels, 5 background: IoU(bg) = 5/9, IoU(1) = 0/4; class 2 absent from both: left out
+    assert got["mIoU"] == pytest.approx((5 / 9 + 0) / 2) and got["pixel_acc"] == pytest.approx(5 / 9)
+
+
+def test_end_to_end_upernet_with_sliding_windows(tmp_path: Path) -> None:
+    data = _segfolder(tmp_path / "data", {"train": 16, "val": 4, "test": 4})
+    task = _task(
+        tmp_path, "up", f"segfolder:{data}", head="upernet", channels=16, frozen=False, epochs=1,
+        eval_mode="slide", eval_flip=True,
+    )  # fmt: skip
+    db = tmp_path / "r.db"
+    with ResultStore(db) as store:
+        s = run_battle(
+            ["random/timm:test_resnet"], [task], store=store, cache_dir=tmp_path / "c", options=OPTS
+        )
+    assert (s.done, s.failed) == (1, 0), s.failures and s.failures[0].error
+    rows = _rows(db)
+    info = json.loads(rows["config_json"].iloc[0])["info"]
+    assert not info["cached_maps"] and info["val_source"] == "dataset" and info["head"] == "upernet"
+    assert rows["value"].between(0, 1).all() and not (tmp_path / "c" / "maps").exists()
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"head": "fcn"}, "head must be one of"),
+        ({"eval_mode": "tiles"}, "eval_mode must be one of"),
+        ({"lr": [1e-3, 0]}, "lr must be a positive number"),
+        ({"scale_range": [2.0, 0.5]}, "scale_range"),
+        ({"cache_dtype": "int8"}, "cache_dtype"),
+        ({"epoch": 3}, "epoch"),
+    ],
+)
+def test_bad_parameters_name_the_fix(params: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        segmentation.resolve_params(params)
+
+
+def test_preflight_knows_segmentation_specs() -> None:
+    from bobench.data import DatasetError
+    from bobench.preflight import dataset_path
+
+    assert dataset_path("ade20k:/data/ade") == "/data/ade"
+    assert dataset_path("voc:/data/voc?sbd=/data/sbd") == "/data/voc"
+    assert dataset_path("mnist-seg") is None
+    with pytest.raises(DatasetError, match="unknown option 'sdb'"):
+        dataset_path("voc:/data/voc?sdb=/data/sbd")
