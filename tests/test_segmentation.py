@@ -97,9 +97,7 @@ def test_cached_and_uncached_whole_image_scores_agree(tmp_path: Path, spec: str)
     cached = MapStore(tmp_path / "maps").get_or_extract(seg, ds, 32, OPTS, dtype="float32")
     p = segmentation.resolve_params({})
     idx = np.arange(len(ds))
-    a = segmentation.score(
-        segmentation.HeadOnImageMaps(seg, 32), segmentation.CachedEvalSet(cached, ds, idx), 3, OPTS, "cached"
-    )
+    a = segmentation.score_cached(seg, cached, ds, idx, 3, OPTS.replace(batch_size=4), "cached")
     b = segmentation.score(segmentation.Predictor(seg, 3, 32, p), ds, 3, OPTS, "whole")
     assert a["pixels"] == b["pixels"] == int(sum((ds.load_mask(i) != 255).sum() for i in idx))
     assert a["mIoU"] == pytest.approx(b["mIoU"], abs=1e-3) and a["pixel_acc"] == pytest.approx(

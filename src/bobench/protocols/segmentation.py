@@ -147,18 +147,17 @@ class CachedTrainSet(torch.utils.data.Dataset):
         return self.maps.item(j), torch.from_numpy(np.asarray(self.maps.masks[j], dtype=np.int64))
 
 
-class CachedEvalSet(torch.utils.data.Dataset):
-    """``((maps, original (H, W)), original mask)``: scored at full resolution, no image decoded."""
+class _Masks(torch.utils.data.Dataset):
+    """Original masks of ``dataset``'s items ``indices`` (read alone: no image is decoded)."""
 
-    def __init__(self, maps: Any, dataset: Any, indices: np.ndarray) -> None:
-        self.maps, self.dataset, self.indices = maps, dataset, [int(i) for i in indices]
+    def __init__(self, dataset: Any, indices: np.ndarray) -> None:
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[tuple[list[torch.Tensor], torch.Tensor], torch.Tensor]:
-        j = self.indices[i]
-        return (self.maps.item(j), torch.as_tensor(self.maps.sizes[j])), self.dataset.load_mask(j)
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.dataset.load_mask(self.indices[i])
 
 
 def _view(dataset: Any, transforms: Any) -> Any:
@@ -198,25 +197,6 @@ class HeadOnMaps(nn.Module):
         return self.seg.forward_maps(maps, (self.size, self.size))
 
 
-class HeadOnImageMaps(nn.Module):
-    """``seg``'s head on one image's cached maps (of its ``size`` x ``size`` resize), the logits resized to
-    the image's original size (evaluation; as :class:`Predictor`'s whole mode)."""
-
-    def __init__(self, seg: nn.Module, size: int) -> None:
-        super().__init__()
-        self.seg, self.size = seg, size
-
-    def forward(self, x: tuple[list[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        maps, sizes = x
-        if len(sizes) != 1:
-            raise ValueError("cached evaluation runs one image at a time (images differ in size)")
-        h, w = (int(v) for v in sizes[0])
-        # the maps are of the square resize: logits at that size first (its padding cropped), then
-        # resized, never cropped, to the original
-        logits = self.seg.forward_maps(maps, (self.size, self.size)).float()
-        return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-
-
 class Predictor(nn.Module):
     """Logits (or, with test-time augmentation, probabilities) ``[1, K, H, W]`` for one image at its
     original size, by the task's evaluation mode."""
@@ -248,6 +228,55 @@ class Predictor(nn.Module):
         if self.scales is None and not self.flip:
             return self._at_size(x)
         return multiscale_flip_inference(self._at_size, x, scales=self.scales or (1.0,), flip=self.flip)
+
+
+def score_cached(
+    seg: nn.Module,
+    maps: Any,
+    dataset: Any,
+    indices: np.ndarray,
+    n_classes: int,
+    options: RunOptions,
+    description: str,
+) -> dict:
+    """Confusion-matrix scores of ``seg``'s head on cached maps (a :class:`~bobench.map_set.MapSet` of
+    ``dataset``), at each image's original size: the head runs on a batch of maps at the cached input
+    size, then each image's logits are resized (never cropped) to its original size and compared with its
+    original mask, as :class:`Predictor`'s whole mode does from the image."""
+    from bobench.data.errors import worker_errors_unwrapped
+    from bobench.dense.seg_metrics import ConfusionMatrix
+    from bobench.device import resolve_placement
+    from bobench.distributed import default_workers
+    from bobench.progress import progress_bar
+
+    placement = resolve_placement(options.device, options.precision)
+    size = int(maps.image_size)
+    cm = ConfusionMatrix(n_classes, ignore_index=255)
+    workers = options.num_workers if options.num_workers is not None else default_workers()
+    masks = iter(torch.utils.data.DataLoader(_Masks(dataset, indices), batch_size=None, num_workers=workers))
+    was_training = seg.training
+    seg.eval()
+    step = max(1, options.batch_size)
+    try:
+        with (
+            progress_bar(description, total=len(indices), enabled=options.progress) as bar,
+            worker_errors_unwrapped(),
+        ):
+            for start in range(0, len(indices), step):
+                chunk = indices[start : start + step]
+                with torch.inference_mode(), placement.autocast_context():
+                    batch = [m.to(placement.device) for m in maps.batch(chunk)]
+                    logits = seg.forward_maps(batch, (size, size)).float()
+                for b, j in enumerate(chunk):
+                    h, w = (int(v) for v in maps.sizes[j])
+                    one = logits[b : b + 1]
+                    if (h, w) != (size, size):
+                        one = F.interpolate(one, size=(h, w), mode="bilinear", align_corners=False)
+                    cm.update(one.argmax(1).cpu(), next(masks)[None])
+                bar.advance(len(chunk))
+    finally:
+        seg.train(was_training)
+    return cm.compute()
 
 
 def score(model: nn.Module, dataset: Any, n_classes: int, options: RunOptions, description: str) -> dict:
@@ -331,19 +360,29 @@ def run(
         info["map_cache"] = {n: {"key": s.key[:16], "hit": s.cache_hit} for n, s in sets.items()}
         net: nn.Module = HeadOnMaps(seg, size)
         train: Any = CachedTrainSet(sets["train"], index)
-        val: Any = CachedEvalSet(sets["val"], val_base, val_index)
-        test: Any = CachedEvalSet(sets["test"], data.test, np.arange(len(data.test)))
-        predictor: nn.Module = HeadOnImageMaps(seg, size)
+
+        def val_scores() -> dict:
+            return score_cached(seg, sets["val"], val_base, val_index, k, options, "val")
+
+        def test_scores() -> dict:
+            return score_cached(seg, sets["test"], data.test, np.arange(len(data.test)), k, options, "test")
     else:
         net = seg
         train = _Subset(_view(data.train, _train_transforms(p, size)), index)
         val = _Subset(_view(val_base, None), val_index)
         test = _Subset(_view(data.test, None), np.arange(len(data.test)))
         predictor = Predictor(seg, k, size, p)
+
+        def val_scores() -> dict:
+            return score(predictor, val, k, options, "val")
+
+        def test_scores() -> dict:
+            return score(predictor, test, k, options, "test")
+
     initial = cpu_state(net)
 
     def evaluate(m: nn.Module) -> float:
-        value = score(predictor, val, k, options, "val")[p["select_on"]]
+        value = val_scores()[p["select_on"]]
         return -math.inf if math.isnan(value) else float(value)
 
     def forward_loss(model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor:
@@ -362,7 +401,7 @@ def run(
 
     best, val_by_lr = lr_sweep(p["lr"], checkpoint_dir, fit)
     net.load_state_dict(best["state"])
-    scores = score(predictor, test, k, options, "test")
+    scores = test_scores()
     metrics = [
         Metric(m, float(scores[m]), higher_is_better=True) for m in METRICS if not math.isnan(scores[m])
     ]
