@@ -31,6 +31,7 @@ Target: bobench / bare ≥ 0.95.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import statistics
@@ -43,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.common import save
+from benchmarks.common import measure_quiet, save
 from bobench import create_backbone, load_dataset
 from bobench.backbones.layers import set_drop_path
 from bobench.device import Placement, resolve_placement
@@ -209,7 +210,7 @@ def bare_run(s: Setup, clock: Clock) -> dict[str, Any]:
     return {}
 
 
-def _cpu_seconds() -> tuple[float, float, float, float]:
+def cpu_seconds() -> tuple[float, float, float, float]:
     """``(busy, steal, main, workers)`` CPU seconds so far: the whole machine's (/proc/stat), this
     process's, and its reaped children's (the DataLoader workers, joined when a loader is exhausted)."""
     hz = os.sysconf("SC_CLK_TCK")
@@ -228,9 +229,9 @@ def _cpu_seconds() -> tuple[float, float, float, float]:
 def measure(side: str, s: Setup) -> dict[str, Any]:
     """One timed run of ``side``, with the CPU time it used and the load others put on the machine."""
     clock = Clock(s.placement.device, s.updates)
-    before, t0 = _cpu_seconds(), time.perf_counter()
+    before, t0 = cpu_seconds(), time.perf_counter()
     extra = (bobench_run if side == "bobench" else bare_run)(s, clock)
-    after, wall = _cpu_seconds(), time.perf_counter() - t0
+    after, wall = cpu_seconds(), time.perf_counter() - t0
     busy, steal, main, workers = (a - b for a, b in zip(after, before, strict=True))
     images = s.updates * s.options.batch_size
     return {
@@ -246,20 +247,6 @@ def measure(side: str, s: Setup) -> dict[str, Any]:
         **extra,
     }
 
-
-def measure_quiet(side: str, s: Setup, retries: int, max_foreign: float) -> dict[str, Any]:
-    """:func:`measure`, repeated up to ``retries`` times while other processes used more than
-    ``max_foreign`` cores meanwhile (on 2 cores one busy neighbour slows torch's threads several
-    fold); the least disturbed attempt counts, and every attempt is kept in ``attempts``."""
-    attempts = [measure(side, s)]
-    while attempts[-1]["foreign_cores"] > max_foreign and len(attempts) <= retries:
-        print(
-            f"  ({side}: {attempts[-1]['foreign_cores']:.2f} cores used by others; measuring again)",
-            flush=True,
-        )
-        attempts.append(measure(side, s))
-    best = min(attempts, key=lambda a: a["foreign_cores"])
-    return {**best, "attempts": attempts}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -295,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, list[dict[str, Any]]] = {"bobench": [], "bare": []}
     for r in range(args.rounds):
         for side in ("bobench", "bare") if r % 2 == 0 else ("bare", "bobench"):
-            row = measure_quiet(side, s, args.retries, args.max_foreign)
+            row = measure_quiet(functools.partial(measure, side, s), side, args.retries, args.max_foreign)
             runs[side].append(row)
             print(
                 f"| {r} | {side} | {row['img_per_s']:.2f} | {row['worker_cpu_ms_per_img']:.2f} | "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,24 @@ def save(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=float))
     return path
+
+
+def measure_quiet(
+    measure: Callable[[], dict[str, Any]], label: str, retries: int, max_foreign: float
+) -> dict[str, Any]:
+    """``measure()`` (a dict with ``foreign_cores``), repeated up to ``retries`` times while other
+    processes used more than ``max_foreign`` cores meanwhile (on 2 cores one busy neighbour slows
+    torch's threads several fold); the least disturbed attempt counts, and every attempt is kept in
+    ``attempts``."""
+    attempts = [measure()]
+    while attempts[-1]["foreign_cores"] > max_foreign and len(attempts) <= retries:
+        print(
+            f"  ({label}: {attempts[-1]['foreign_cores']:.2f} cores used by others; measuring again)",
+            flush=True,
+        )
+        attempts.append(measure())
+    best = min(attempts, key=lambda a: a["foreign_cores"])
+    return {**best, "attempts": attempts}
 
 
 def best_of(fn, repeats: int) -> float:

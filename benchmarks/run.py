@@ -1,4 +1,5 @@
-"""``make bench``: run every benchmark in turn (P1 extraction, P2 linear, P3 amortisation, P4 kNN, P6 reuse, P7 training; P5 needs a GPU).
+"""``make bench``: run every benchmark in turn (P1 extraction, P2 linear, P3 amortisation, P4 kNN, P6 reuse, P7 training,
+P8 detection; P5 needs a GPU).
 
 Each writes ``benchmarks/results/<name>.json``; BENCHMARKS.md quotes them. Pass ``--quick`` for a
 smoke run. Run on an otherwise idle machine: the numbers are ratios measured side by side, but a
@@ -10,7 +11,15 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ["bench_extract", "bench_linear", "bench_amortise", "bench_knn", "bench_reuse", "bench_train"]
+BENCHES = [
+    "bench_extract",
+    "bench_linear",
+    "bench_amortise",
+    "bench_knn",
+    "bench_reuse",
+    "bench_train",
+    "bench_detection",
+]
 
 
 def main(argv: list[str] | None = None) -> None:

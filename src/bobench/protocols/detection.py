@@ -115,7 +115,7 @@ class _Images(torch.utils.data.Dataset):
         return self.dataset[self.indices[i]]
 
 
-def _view(dataset: Any, transforms: Any, training: bool) -> Any:
+def dataset_view(dataset: Any, transforms: Any, training: bool) -> Any:
     """A shallow copy of a detection dataset with its own transforms (train drops crowds and
     degenerate boxes, which torchvision's detectors refuse; evaluation keeps everything)."""
     out = copy.copy(dataset)
@@ -243,9 +243,9 @@ def run(
     masks = data.train.has_masks and "mask" in p["detector"]  # a box-only detector on masked data: boxes
     select_on = p["select_on"]
     index, val_base, val_index, info = split_train_val(data, p["val_fraction"], seed)
-    train = _Images(_view(data.train, _train_transforms(p, size), training=True), index)
-    val = _Images(_view(val_base, None, training=False), val_index)
-    test = _Images(_view(data.test, None, training=False), np.arange(len(data.test)))
+    train = _Images(dataset_view(data.train, _train_transforms(p, size), training=True), index)
+    val = _Images(dataset_view(val_base, None, training=False), val_index)
+    test = _Images(dataset_view(data.test, None, training=False), np.arange(len(data.test)))
     seed_all(seed_for(seed, "heads"))
     kind = p["detector"] if masks else p["detector"].replace("mask_", "")
     model = build_detector(  # torchvision counts the background as a class
@@ -280,7 +280,7 @@ def run(
     scores = _scores(test, found, masks)
     settings = ["test"] * len(found)
     for name, shifted in data.ood.items():  # e.g. Sim10k -> Cityscapes: the same model, another domain
-        ood = _Images(_view(shifted, None, training=False), np.arange(len(shifted)))
+        ood = _Images(dataset_view(shifted, None, training=False), np.arange(len(shifted)))
         more = detect(model, ood, options, label_map(data.classes, shifted))
         ood_masks = masks and shifted.has_masks
         scores.update({f"{k}@ood={name}": v for k, v in _scores(ood, more, ood_masks).items()})
