@@ -212,6 +212,13 @@ def test_not_json_missing_image_and_bad_specs(coco_dir: Path) -> None:
     with pytest.raises(DatasetError, match=r"instances\.json is not valid JSON \(line 3, column 19"):
         read_coco_json(path)
     path.write_text(json.dumps(_coco()))
+    (coco_dir / "images" / "c.png").write_bytes(b"not an image")
+    ds = _load(coco_dir)
+    with pytest.raises(
+        DatasetError, match=r"cannot read image .*c\.png.*remove the image and its annotations"
+    ) as err:
+        ds[ds.image_ids.index(3)]
+    assert "skip_bad_images" not in str(err.value)  # the detection readers take no such option
     (coco_dir / "images" / "c.png").unlink()
     with pytest.raises(DatasetError, match=r"image id 3: file .*images/c\.png does not exist"):
         _load(coco_dir)

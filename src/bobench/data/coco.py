@@ -24,6 +24,9 @@ from bobench.data.errors import DatasetError
 from bobench.data.images import open_rgb
 from bobench.data.manifest import ManifestHasher, regular_file_stat
 
+# an annotated image cannot be skipped silently: its objects would vanish from the ground truth
+BAD_IMAGE_FIX = "replace the file, or remove the image and its annotations from the annotation file"
+
 Transforms = Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
 
@@ -295,7 +298,7 @@ class DetectionDataset(Dataset):
         image_id = self.image_ids[i]
         info = self._images[image_id]
         h, w = info["height"], info["width"]
-        pil = open_rgb(self.path(i))
+        pil = open_rgb(self.path(i), fix=BAD_IMAGE_FIX)
         if pil.size != (w, h):
             raise DatasetError(
                 f"{self.source}: image id {image_id}: {self.path(i)} is {pil.size[0]}x{pil.size[1]} "

@@ -6,9 +6,20 @@ from PIL import Image
 
 from bobench.data.errors import DatasetError
 
+SKIP_BAD_IMAGES_FIX = (
+    "replace or delete the file, or add ?skip_bad_images=true to the dataset spec "
+    "(e.g. imagefolder:/data/pets?skip_bad_images=true) to drop unreadable images"
+)
 
-def open_rgb(path: str) -> Image.Image:
+
+def open_rgb(path: str, fix: str = SKIP_BAD_IMAGES_FIX) -> Image.Image:
     """Decode the image at ``path`` fully and return it in RGB.
+
+    Args:
+        path: the image file.
+        fix: what the error tells the user to do about an unreadable file (the default suits the
+            classification readers, which take ``?skip_bad_images=true``; readers whose images carry
+            annotations pass their own).
 
     Raises:
         DatasetError: naming the file, when it is gone, unreadable, truncated or not an image.
@@ -24,11 +35,7 @@ def open_rgb(path: str) -> Image.Image:
             f"image {path} no longer exists: the dataset changed after it was loaded; load it again."
         ) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DatasetError(
-            f"cannot read image {path} ({type(exc).__name__}: {exc}); replace or delete the file, or add "
-            "?skip_bad_images=true to the dataset spec (e.g. imagefolder:/data/pets?skip_bad_images=true) "
-            "to drop unreadable images."
-        ) from exc
+        raise DatasetError(f"cannot read image {path} ({type(exc).__name__}: {exc}); {fix}.") from exc
 
 
 def check_image(path: str) -> str | None:

@@ -68,6 +68,9 @@ from bobench.data.seg_files import (
 from bobench.data.splits import SPLITS
 from bobench.registry import suggest
 
+# skipping an image silently would change the ground truth; the user decides
+BAD_IMAGE_FIX = "replace the file, or remove the image and its mask from the dataset"
+
 Transforms = Callable[[Any, Any], tuple[Any, Any]]
 
 
@@ -186,7 +189,7 @@ class SegmentationDataset(Dataset):
                 with Image.open(image) as im:
                     size = im.size
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-                size = open_rgb(image).size  # raises the reader's error naming the file
+                size = open_rgb(image, fix=BAD_IMAGE_FIX).size  # raises the reader's error naming the file
             if (m := mask_size(mask)) != size:
                 raise self._size_error(i, size, m)
 
@@ -228,7 +231,7 @@ class SegmentationDataset(Dataset):
             DatasetError: an unreadable file, a size mismatch, or an invalid mask value (see the class).
         """
         image_path, mask_path = self.paths(i)
-        pil = open_rgb(image_path)
+        pil = open_rgb(image_path, fix=BAD_IMAGE_FIX)
         raw = read_mask(mask_path)
         if raw.shape[:2] != (pil.size[1], pil.size[0]) or raw.ndim != 2:
             raise self._size_error(i, pil.size, (raw.shape[1], raw.shape[0]))
