@@ -185,3 +185,29 @@ def test_demo_task_pretrained_maps_beat_random_init(tmp_path: Path) -> None:
         rows = store.results()
     miou = rows[rows["metric"] == "mIoU"].set_index("backbone")["value"]
     assert miou["mobilenetv2_100.tv_in1k"] > miou["random/mobilenetv2_100"] + 0.04, miou.to_dict()
+
+
+def test_uncached_training_without_augmentation_sees_the_cached_pixels_and_labels(tmp_path: Path) -> None:
+    """With ``scale_range: None`` and ``hflip: 0`` the uncached path resizes image and mask as the map cache
+    does (40x48 -> 32x32): same labels as the stored masks (torchvision's mask resize, ``nearest``, moved
+    some by a pixel), same pixels as the cache's resize."""
+    from bobench import create_backbone
+    from bobench.data import load_segmentation_dataset
+    from bobench.dense.segmentation import build_segmenter
+    from bobench.map_cache import MapStore
+    from bobench.map_set import resize_for_maps
+
+    data = _segfolder(tmp_path / "data", {"train": 6}, seed=5)
+    ds = load_segmentation_dataset(f"segfolder:{data}", split="train")
+    seg = build_segmenter(create_backbone("random/timm:test_resnet"), 3, "linear").eval()
+    cached = MapStore(tmp_path / "maps").get_or_extract(seg, ds, 32, OPTS)
+    p = segmentation.resolve_params({"scale_range": None, "hflip": 0})
+    view = segmentation.dataset_view(ds, segmentation.train_transforms(p, 32))
+    plain = segmentation.dataset_view(ds, None)
+    for i in range(len(ds)):
+        image, mask = view[i]
+        want_image, _ = resize_for_maps(torch.as_tensor(plain[i][0]), None, 32)
+        assert torch.equal(
+            torch.as_tensor(mask).to(torch.uint8), torch.from_numpy(np.array(cached.masks[i]))
+        )
+        assert torch.allclose(torch.as_tensor(image).float(), want_image)

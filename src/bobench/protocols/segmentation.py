@@ -160,13 +160,33 @@ class _Masks(torch.utils.data.Dataset):
         return self.dataset.load_mask(self.indices[i])
 
 
-def _view(dataset: Any, transforms: Any) -> Any:
+def dataset_view(dataset: Any, transforms: Any) -> Any:
+    """A shallow copy of a segmentation dataset with its own ``transforms`` (``None``: none)."""
     out = copy.copy(dataset)
     out.transforms = transforms
     return out
 
 
-def _train_transforms(p: dict[str, Any], size: int) -> Any:
+class ResizeAsCached:
+    """``(image, mask)`` to ``size x size`` by :func:`~bobench.map_set.resize_for_maps`, the map cache's
+    rule (image bilinear + antialias, mask ``nearest-exact``; torchvision's ``v2.Resize`` resizes a mask with
+    ``nearest``, which moves labels by up to a pixel against the cache)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[Any, Any]:
+        from torchvision import tv_tensors
+
+        from bobench.map_set import resize_for_maps
+
+        im, m = resize_for_maps(image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor), self.size)
+        return tv_tensors.Image(im.to(image.dtype)), tv_tensors.Mask(m.to(mask.dtype))
+
+
+def train_transforms(p: dict[str, Any], size: int) -> Any:
+    """The uncached training path's joint image + mask augmentation for resolved params ``p``: random
+    rescale (``scale_range``), a ``size`` crop (padding ignored) and a flip (``hflip``)."""
     from torchvision import tv_tensors
     from torchvision.transforms import v2
 
@@ -175,8 +195,8 @@ def _train_transforms(p: dict[str, Any], size: int) -> Any:
         ops.append(
             v2.ScaleJitter(target_size=(size, size), scale_range=tuple(p["scale_range"]), antialias=True)
         )
-    else:
-        ops.append(v2.Resize((size, size), antialias=True))
+    else:  # exactly the cache's resize, so the two training paths see the same pixels and labels
+        ops.append(ResizeAsCached(size))
     ops.append(
         v2.RandomCrop((size, size), pad_if_needed=True, fill={tv_tensors.Image: 0.0, tv_tensors.Mask: 255})
     )
@@ -368,9 +388,9 @@ def run(
             return score_cached(seg, sets["test"], data.test, np.arange(len(data.test)), k, options, "test")
     else:
         net = seg
-        train = _Subset(_view(data.train, _train_transforms(p, size)), index)
-        val = _Subset(_view(val_base, None), val_index)
-        test = _Subset(_view(data.test, None), np.arange(len(data.test)))
+        train = _Subset(dataset_view(data.train, train_transforms(p, size)), index)
+        val = _Subset(dataset_view(val_base, None), val_index)
+        test = _Subset(dataset_view(data.test, None), np.arange(len(data.test)))
         predictor = Predictor(seg, k, size, p)
 
         def val_scores() -> dict:
