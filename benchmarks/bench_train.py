@@ -248,7 +248,6 @@ def measure(side: str, s: Setup) -> dict[str, Any]:
     }
 
 
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="8 timed steps, one round (a smoke run)")

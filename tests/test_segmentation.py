@@ -207,7 +207,5 @@ def test_uncached_training_without_augmentation_sees_the_cached_pixels_and_label
     for i in range(len(ds)):
         image, mask = view[i]
         want_image, _ = resize_for_maps(torch.as_tensor(plain[i][0]), None, 32)
-        assert torch.equal(
-            torch.as_tensor(mask).to(torch.uint8), torch.from_numpy(np.array(cached.masks[i]))
-        )
+        assert torch.equal(torch.as_tensor(mask).to(torch.uint8), torch.from_numpy(np.array(cached.masks[i])))
         assert torch.allclose(torch.as_tensor(image).float(), want_image)

