@@ -125,7 +125,7 @@ def _worker(rank: int, tmp: Path) -> None:
     # 3. a battle: a frozen cell on every rank, a trained cell that fails before training on every rank
     real_data = bobench.trained._data
 
-    def no_data(task):
+    def no_data(*args, **kwargs):
         raise ValueError("no data on this rank")
 
     bobench.trained._data = no_data
