@@ -23,6 +23,7 @@ import torch
 
 from bobench.options import RunOptions
 from bobench.store import ResultStore
+from ranks import spawn_ranks
 from test_detection import CATS, SLIM, _coco, _task
 
 OPTS = RunOptions(device="cpu", num_workers=0, progress=False, checkpoint_minutes=None, batch_size=4)
@@ -229,18 +230,8 @@ def test_two_gloo_ranks_train_one_detection_cell_together(tmp_path: Path) -> Non
     """2 CPU ranks (gloo) train one detection cell with DDP: neither hangs, both end with the same
     weights bit for bit (averaged gradients, rank 0's buffers) and the same curve, and rank 0 records
     the cell once with a finite AP."""
-    import torch.multiprocessing as mp
-
     task = _task(tmp_path, _cocojson(tmp_path, 20))
-    ctx = mp.start_processes(_ddp_worker, args=(tmp_path, str(task)), nprocs=2, join=False,
-                             start_method="spawn")  # fmt: skip
-    for _ in range(600):  # only a real hang waits this long (10 minutes)
-        if ctx.join(timeout=1):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail("the ranks hung")
+    spawn_ranks(_ddp_worker, (tmp_path, str(task)))
     found = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert (found[0]["done"], found[0]["failed"]) == (1, 0)  # rank 0 records; rank 1 counts nothing
     (a,), (b,) = found[0]["fits"], found[1]["fits"]

@@ -24,6 +24,7 @@ from bobench import distributed
 from bobench.checkpoints import Checkpoints
 from bobench.options import RunOptions
 from bobench.training import Trainer, cpu_state, evaluate_model
+from ranks import spawn_ranks
 from test_finetune import FAST, OPTS  # the fine-tuning tests' options and augmentation-free recipe
 
 EPOCHS, BATCH = 2, 16  # Blobs: 64 images, 4 updates per epoch
@@ -162,17 +163,8 @@ def _worker(rank: int, tmp: Path) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run :func:`_worker` on 2 ranks once; the folder with their findings."""
-    import torch.multiprocessing as mp
-
     tmp = tmp_path_factory.mktemp("ddp")
-    ctx = mp.start_processes(_worker, args=(tmp,), nprocs=2, join=False, start_method="spawn")
-    for _ in range(600):  # only a real hang waits this long (10 minutes)
-        if ctx.join(timeout=1):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail("the ranks hung")
+    spawn_ranks(_worker, (tmp,))
     return tmp
 
 

@@ -27,6 +27,7 @@ from bobench.dense.segmentation import (
     multiscale_flip_inference,
     slide_inference,
 )
+from test_dense_models import batchnorm_stats
 
 RESNET, CONVNEXT, VIT = "random/timm:test_resnet", "random/timm:test_convnext", "random/timm:test_vit"
 HEADS = {
@@ -105,15 +106,6 @@ def test_linear_head_on_cached_last_map() -> None:
         (last,) = seg.backbone_maps(x)
         assert last.shape == (2, 96, 2, 2)  # what a frozen linear protocol caches: [B, C, H/32, W/32]
         assert torch.equal(seg.forward_maps([last], (64, 64)), seg(x))
-
-
-def batchnorm_stats(module: nn.Module) -> list[torch.Tensor]:
-    return [
-        t.clone()
-        for m in module.modules()
-        if isinstance(m, BATCH_NORMS)
-        for t in (m.running_mean, m.running_var)
-    ]
 
 
 @pytest.mark.parametrize("frozen", [True, False])

@@ -29,7 +29,6 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -170,25 +169,37 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-@contextmanager
-def _worker_errors_unwrapped() -> Iterator[None]:
-    """Re-raise a DataLoader worker's error as itself (naming the file and the fix), not torch's wrapper."""
-    from bobench.data.errors import unwrap_worker_error
-
-    try:
-        yield
-    except Exception as exc:
-        original = unwrap_worker_error(exc)
-        if original is exc:
-            raise
-        raise original from None
-
-
 def is_oom(exc: BaseException) -> bool:
     """Whether ``exc`` is an accelerator out-of-memory error (retry with a smaller batch)."""
     import torch
 
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def extraction_memory_format(backbone: Any, options: RunOptions) -> torch.memory_format:
+    """``channels_last`` where ``options`` ask for it, or (by default) where the backbone prefers it."""
+    import torch
+
+    channels_last = backbone.prefers_channels_last if options.channels_last is None else options.channels_last
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def extraction_loader(dataset: Any, options: RunOptions, placement: Placement) -> Any:
+    """The in-order ``DataLoader`` an extraction pass reads ``dataset`` with: ``options.batch_size``,
+    ``options.num_workers`` (default: the spare cores, at most 8), pinned memory for CUDA."""
+    from torch.utils.data import DataLoader
+
+    workers = options.num_workers
+    if workers is None:
+        workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+    return DataLoader(
+        dataset,
+        batch_size=options.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=placement.device.type == "cuda",
+        persistent_workers=False,
+    )
 
 
 class FeatureStore:
@@ -348,29 +359,17 @@ class FeatureStore:
     def _run(self, backbone, ds, indices, todo, size, n, options, placement):
         """Yield ``(shard index, features, labels)`` for each shard in ``todo``, in order."""
         import torch
-        from torch.utils.data import DataLoader, Subset
+        from torch.utils.data import Subset
 
+        from bobench.data.errors import worker_errors_unwrapped
         from bobench.progress import progress_bar
 
         dim = backbone.card.embed_dim
         model = backbone.to(placement.device).eval()
-        channels_last = (
-            backbone.prefers_channels_last if options.channels_last is None else options.channels_last
-        )
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        workers = options.num_workers
-        if workers is None:
-            workers = min(8, max(0, (os.cpu_count() or 1) - 1))
-        loader = DataLoader(
-            Subset(ds, indices),
-            batch_size=options.batch_size,
-            shuffle=False,
-            num_workers=workers,
-            pin_memory=placement.device.type == "cuda",
-            persistent_workers=False,
-        )
+        memory_format = extraction_memory_format(backbone, options)
+        if memory_format == torch.channels_last:
+            model = model.to(memory_format=memory_format)
+        loader = extraction_loader(Subset(ds, indices), options, placement)
         fwd_bs = options.batch_size
         shard_iter = iter(todo)
         current = next(shard_iter, None)
@@ -400,7 +399,7 @@ class FeatureStore:
             progress_bar(
                 f"extract {backbone.card.name}", total=len(indices), enabled=options.progress
             ) as bar,
-            _worker_errors_unwrapped(),
+            worker_errors_unwrapped(),
         ):
             for emb, y in self._overlapped(loader, forward):
                 if emb.shape[-1] != dim:

@@ -32,8 +32,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bobench.backbones.files import package_path, sha256_file
 from bobench.features import atomic_write_bytes
 
@@ -280,36 +278,9 @@ def dataset_hash(spec: Any, split: str) -> str | None:
 
 
 def _files_hash(spec: Any, split: str) -> str | None:
-    from bobench.data.images import check_image
-    from bobench.data.loading import read_file_items
-    from bobench.data.manifest import ManifestHasher, label_key, regular_file_stat
+    """The manifest hash ``load_dataset`` computes for a file-backed split (its own code), or None for an
+    empty split; a bad dataset raises the reader's ``DatasetError``."""
+    from bobench.data.loading import hash_file_items, read_file_items
 
-    items = read_file_items(spec, split)
-    targets = np.asarray(items.targets, dtype=np.int64)
-    if targets.ndim not in (1, 2) or len(targets) != len(items.paths):
-        return None
-    multilabel = targets.ndim == 2
-    if multilabel and (targets.shape[1] != len(items.classes) or not np.isin(targets, (0, 1)).all()):
-        return None
-    labels = [label_key(row) for row in targets.tolist()] if multilabel else targets
-    hasher = ManifestHasher(spec.kind, split, items.classes, items.split_params, multilabel=multilabel)
-    keep: list[int] = []
-    for i, rel in enumerate(items.paths):
-        path = os.path.join(items.root, rel)
-        info = regular_file_stat(path)
-        if info is None:
-            return None
-        if spec.skip_bad_images and check_image(path) is not None:
-            continue
-        hasher.add_file(rel, info.st_size, info.st_mtime_ns, labels[i] if multilabel else int(labels[i]))
-        keep.append(i)
-    if not keep:
-        return None
-    if items.boxes is not None:
-        if len(keep) != len(items.paths):
-            return None
-        boxes = np.asarray(items.boxes, dtype=np.float64)[np.array(keep, dtype=np.int64)]
-        hasher.add_json("boxes", [[None if np.isnan(v) else float(v) for v in row] for row in boxes])
-    if items.extras:
-        hasher.add_json("extras", items.extras)
-    return hasher.hexdigest()
+    hashed = hash_file_items(spec, split, read_file_items(spec, split))
+    return hashed.manifest_hash if len(hashed.keep) else None

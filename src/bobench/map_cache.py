@@ -51,10 +51,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from filelock import FileLock
-from torch.utils.data import DataLoader
 
 from bobench.device import Placement, peak_memory_mb, resolve_placement
-from bobench.features import atomic_write_bytes, config_sha, is_oom
+from bobench.features import (
+    atomic_write_bytes,
+    config_sha,
+    extraction_loader,
+    extraction_memory_format,
+    is_oom,
+)
 from bobench.map_set import (
     DTYPES,
     FORMAT_VERSION,
@@ -361,23 +366,10 @@ class MapStore:
 
         backbone = model.backbone
         model.to(placement.device).eval()
-        channels_last = (
-            backbone.prefers_channels_last if options.channels_last is None else options.channels_last
-        )
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if channels_last:
-            backbone.to(memory_format=torch.channels_last)
-        workers = options.num_workers
-        if workers is None:
-            workers = min(8, max(0, (os.cpu_count() or 1) - 1))
-        loader = DataLoader(
-            ResizedForMaps(ds, size),
-            batch_size=options.batch_size,
-            shuffle=False,
-            num_workers=workers,
-            pin_memory=placement.device.type == "cuda",
-            persistent_workers=False,
-        )
+        memory_format = extraction_memory_format(backbone, options)
+        if memory_format == torch.channels_last:
+            backbone.to(memory_format=memory_format)
+        loader = extraction_loader(ResizedForMaps(ds, size), options, placement)
         store_dtype = torch.float16 if np_dtype is np.float16 else torch.float32
         fwd_bs = options.batch_size
 

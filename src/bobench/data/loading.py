@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -110,10 +111,26 @@ def _load_embedded(spec: DatasetSpec, split: str, transform: Callable[[Any], Any
     return ImageDataset(spec, split, data.classes, targets, hasher.hexdigest(), source, transform=transform)
 
 
-def _load_files(
-    spec: DatasetSpec, split: str, items: FileItems, transform: Callable[[Any], Any] | None
-) -> ImageDataset:
-    from bobench.data.dataset import FileSource, ImageDataset
+@dataclass(frozen=True)
+class HashedItems:
+    """What :func:`hash_file_items` found: the kept items' positions, their targets and crop boxes, the
+    skipped ``(path, reason)`` pairs and the manifest hash of the kept items."""
+
+    keep: np.ndarray
+    targets: np.ndarray
+    boxes: np.ndarray | None
+    skipped: list[tuple[str, str]]
+    manifest_hash: str
+
+
+def hash_file_items(spec: DatasetSpec, split: str, items: FileItems) -> HashedItems:
+    """Check ``items`` (as listed by :func:`read_file_items`) and hash them for the cache key: each file's
+    path, size and mtime with its label, the split's classes and parameters, crop boxes and extras; with
+    ``skip_bad_images`` unreadable files are left out. Opens no image but those it checks; torch-free.
+
+    Raises:
+        DatasetError: a file gone, bad targets, or a skipped image in a split with crop boxes.
+    """
     from bobench.data.images import check_image
 
     targets = _check_targets(spec, items)
@@ -153,15 +170,24 @@ def _load_files(
         hasher.add_json("boxes", [[None if np.isnan(v) else float(v) for v in row] for row in boxes])
     if items.extras:
         hasher.add_json("extras", items.extras)
-    source = FileSource(items.root, [items.paths[i] for i in keep], boxes=boxes)
+    return HashedItems(index, targets[index], boxes, skipped, hasher.hexdigest())
+
+
+def _load_files(
+    spec: DatasetSpec, split: str, items: FileItems, transform: Callable[[Any], Any] | None
+) -> ImageDataset:
+    from bobench.data.dataset import FileSource, ImageDataset
+
+    hashed = hash_file_items(spec, split, items)
+    source = FileSource(items.root, [items.paths[i] for i in hashed.keep], boxes=hashed.boxes)
     return ImageDataset(
         spec,
         split,
         items.classes,
-        targets[index],
-        hasher.hexdigest(),
+        hashed.targets,
+        hashed.manifest_hash,
         source,
-        skipped=skipped,
+        skipped=hashed.skipped,
         transform=transform,
         extras=items.extras,
     )

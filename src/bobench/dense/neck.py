@@ -34,6 +34,17 @@ from bobench.backbones.base import Backbone
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
+def hold_backbone_eval(backbone: nn.Module, frozen: bool, norm_eval: bool) -> None:
+    """After ``model.train(mode)``: put a frozen ``backbone`` back in eval mode, or with ``norm_eval``
+    (mmdetection's, as BoB) only its BatchNorms, whose running statistics then stay as pretrained."""
+    if frozen:
+        backbone.eval()
+    elif norm_eval:
+        for m in backbone.modules():
+            if isinstance(m, BATCH_NORMS):
+                m.eval()
+
+
 def nominal_stride(stride: float) -> int:
     """The power of two nearest a map's stride (14 → 16): the stride RoIAlign and the anchors assume."""
     return 2 ** round(math.log2(stride))
@@ -207,12 +218,7 @@ class BackboneFPN(nn.Module):
     def train(self, mode: bool = True) -> BackboneFPN:
         """Set training mode, keeping a frozen backbone (or, with ``norm_eval``, its BatchNorms) in eval."""
         super().train(mode)
-        if self.frozen:
-            self.backbone.eval()
-        elif self.norm_eval:
-            for m in self.backbone.modules():
-                if isinstance(m, BATCH_NORMS):
-                    m.eval()
+        hold_backbone_eval(self.backbone, self.frozen, self.norm_eval)
         return self
 
     def backbone_maps(self, x: torch.Tensor) -> list[torch.Tensor]:

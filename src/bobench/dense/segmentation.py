@@ -32,7 +32,7 @@ from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
 from bobench.backbones.base import Backbone
-from bobench.dense.neck import BATCH_NORMS, input_multiple
+from bobench.dense.neck import hold_backbone_eval, input_multiple
 from bobench.registry import suggest
 
 HEADS = ("linear", "upernet")
@@ -220,12 +220,7 @@ class SegmentationModel(nn.Module):
     def train(self, mode: bool = True) -> SegmentationModel:
         """Set training mode, keeping a frozen backbone (or, with ``norm_eval``, its BatchNorms) in eval."""
         super().train(mode)
-        if self.frozen:
-            self.backbone.eval()
-        elif self.norm_eval:
-            for m in self.backbone.modules():
-                if isinstance(m, BATCH_NORMS):
-                    m.eval()
+        hold_backbone_eval(self.backbone, self.frozen, self.norm_eval)
         return self
 
     def padded_size(self, hw: Sequence[int]) -> tuple[int, int]:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Subset
 
 from bobench.options import RunOptions
 from bobench.protocols.base import (
@@ -120,19 +121,6 @@ def uses_cached_maps(p: Mapping[str, Any]) -> bool:
 
 
 # -- datasets ----------------------------------------------------------------------------------------
-class _Subset(torch.utils.data.Dataset):
-    """Items ``indices`` of ``dataset`` (a view that pickles to DataLoader workers without copying)."""
-
-    def __init__(self, dataset: Any, indices: np.ndarray) -> None:
-        self.dataset, self.indices = dataset, [int(i) for i in indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.dataset[self.indices[i]]
-
-
 class CachedTrainSet(torch.utils.data.Dataset):
     """``(maps, mask)`` of cached images: the maps as stored, the mask resized to the input size."""
 
@@ -394,9 +382,10 @@ def run(
             return score_cached(seg, sets["test"], data.test, np.arange(len(data.test)), k, options, "test")
     else:
         net = seg
-        train = _Subset(dataset_view(data.train, train_transforms(p, size)), index)
-        val = _Subset(dataset_view(val_base, None), val_index)
-        test = _Subset(dataset_view(data.test, None), np.arange(len(data.test)))
+        # plain int indices: a view that pickles to DataLoader workers without copying the dataset
+        train = Subset(dataset_view(data.train, train_transforms(p, size)), np.asarray(index).tolist())
+        val = Subset(dataset_view(val_base, None), np.asarray(val_index).tolist())
+        test = Subset(dataset_view(data.test, None), list(range(len(data.test))))
         predictor = Predictor(seg, k, size, p)
 
         def val_scores() -> dict:
