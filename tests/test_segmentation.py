@@ -13,6 +13,7 @@ from PIL import Image
 
 from bobench.options import RunOptions
 from bobench.protocols import segmentation
+from bobench.protocols.seg_scoring import KeptMasks, score, score_cached
 from bobench.runner import run_battle
 from bobench.store import ResultStore
 
@@ -97,12 +98,27 @@ def test_cached_and_uncached_whole_image_scores_agree(tmp_path: Path, spec: str)
     cached = MapStore(tmp_path / "maps").get_or_extract(seg, ds, 32, OPTS, dtype="float32")
     p = segmentation.resolve_params({})
     idx = np.arange(len(ds))
-    a = segmentation.score_cached(seg, cached, ds, idx, 3, OPTS.replace(batch_size=4), "cached")
-    b = segmentation.score(segmentation.Predictor(seg, 3, 32, p), ds, 3, OPTS, "whole")
+    masks = KeptMasks(ds, idx, 3)
+    a = score_cached(seg, cached, masks, 3, OPTS.replace(batch_size=4), "cached")
+    b = score(segmentation.Predictor(seg, 3, 32, p), ds, 3, OPTS, "whole")
     assert a["pixels"] == b["pixels"] == int(sum((ds.load_mask(i) != 255).sum() for i in idx))
     assert a["mIoU"] == pytest.approx(b["mIoU"], abs=1e-3) and a["pixel_acc"] == pytest.approx(
         b["pixel_acc"], abs=1e-3
     )
+    # the masks were kept (uint8) by the first scoring; the second reads none and scores the same
+    assert masks.kept is not None and [m.dtype for m in masks.kept] == [torch.uint8] * len(idx)
+    assert {tuple(m.shape) for m in masks.kept} == {tuple(ds.load_mask(i).shape) for i in idx}
+    masks.dataset = None  # a read would fail now
+    again = score_cached(seg, cached, masks, 3, OPTS.replace(batch_size=3), "cached")
+
+    def counts(s: dict) -> tuple:
+        return s["pixels"], s["pixel_acc"], s["mIoU"], s["mAcc"]
+
+    assert counts(again) == counts(a)
+    # over budget: nothing kept, every scoring reads the masks again
+    streamed = KeptMasks(ds, idx, 3, budget=100)
+    assert counts(score_cached(seg, cached, streamed, 3, OPTS, "cached")) == counts(a)
+    assert streamed.kept is None
 
 
 def test_score_by_hand() -> None:

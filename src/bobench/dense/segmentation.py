@@ -32,6 +32,7 @@ from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
 from bobench.backbones.base import Backbone
+from bobench.dense.linear_head import LinearHead
 from bobench.dense.neck import hold_backbone_eval, input_multiple
 from bobench.registry import suggest
 
@@ -54,30 +55,6 @@ def _classifier(channels: int, n_classes: int) -> nn.Conv2d:
 def _conv_bn_relu(cin: int, cout: int, k: int) -> Conv2dNormActivation:
     # mmseg's ConvModule(norm=BN, act=ReLU): no conv bias, since BatchNorm follows
     return Conv2dNormActivation(cin, cout, k, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU)
-
-
-class LinearHead(nn.Module):
-    """DINOv2's linear segmentation head (mmseg ``BNHead``): BatchNorm2d + 1x1 conv.
-
-    Args:
-        in_channels: channels of each input map, finest first.
-        n_classes: number of classes ``K``.
-
-    ``forward(maps)`` takes one ``[B, C_i, h_i, w_i]`` map per ``in_channels`` entry; all are bilinearly
-    resized to the largest of them and concatenated (DINOv2's ``resize_concat``); it returns logits
-    ``[B, K, h, w]`` at that largest map's resolution.
-    """
-
-    def __init__(self, in_channels: Sequence[int], n_classes: int) -> None:
-        super().__init__()
-        self.in_channels = tuple(int(c) for c in in_channels)
-        self.bn = nn.BatchNorm2d(sum(self.in_channels))
-        self.classifier = _classifier(sum(self.in_channels), n_classes)
-
-    def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
-        x = torch.cat([_resize(m, size) for m in maps], dim=1)
-        return self.classifier(self.bn(x))
 
 
 class UPerNetHead(nn.Module):

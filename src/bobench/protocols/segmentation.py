@@ -47,6 +47,7 @@ from bobench.protocols.base import (
     is_positive_number,
     split_train_val,
 )
+from bobench.protocols.seg_scoring import KeptMasks, score, score_cached
 
 DEFAULTS: dict[str, Any] = {
     "head": "linear",  # linear | upernet
@@ -133,19 +134,6 @@ class CachedTrainSet(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         j = self.indices[i]
         return self.maps.item(j), torch.from_numpy(np.asarray(self.maps.masks[j], dtype=np.int64))
-
-
-class _Masks(torch.utils.data.Dataset):
-    """Original masks of ``dataset``'s items ``indices`` (read alone: no image is decoded)."""
-
-    def __init__(self, dataset: Any, indices: np.ndarray) -> None:
-        self.dataset, self.indices = dataset, [int(i) for i in indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.dataset.load_mask(self.indices[i])
 
 
 def dataset_view(dataset: Any, transforms: Any) -> Any:
@@ -238,73 +226,6 @@ class Predictor(nn.Module):
         return multiscale_flip_inference(self._at_size, x, scales=self.scales or (1.0,), flip=self.flip)
 
 
-def _labels(logits: torch.Tensor) -> torch.Tensor:
-    """Per-pixel class ``[B, H, W]`` of ``[B, K, H, W]`` logits, on the CPU (``max(1).indices``: the same
-    first-maximum labels as ``argmax(1)``, which is about 6x slower on the CPU over a small class axis)."""
-    return logits.max(1).indices.cpu()
-
-
-def score_cached(
-    seg: nn.Module,
-    maps: Any,
-    dataset: Any,
-    indices: np.ndarray,
-    n_classes: int,
-    options: RunOptions,
-    description: str,
-) -> dict:
-    """Confusion-matrix scores of ``seg``'s head on cached maps (a :class:`~bobench.map_set.MapSet` of
-    ``dataset``), at each image's original size: the head runs on a batch of maps at the cached input
-    size, then each image's logits are resized (never cropped) to its original size and compared with its
-    original mask, as :class:`Predictor`'s whole mode does from the image."""
-    from bobench.data.errors import worker_errors_unwrapped
-    from bobench.dense.seg_metrics import ConfusionMatrix
-    from bobench.device import resolve_placement
-    from bobench.distributed import default_workers
-    from bobench.progress import progress_bar
-
-    placement = resolve_placement(options.device, options.precision)
-    size = int(maps.image_size)
-    cm = ConfusionMatrix(n_classes, ignore_index=255)
-    workers = options.num_workers if options.num_workers is not None else default_workers()
-    masks = iter(torch.utils.data.DataLoader(_Masks(dataset, indices), batch_size=None, num_workers=workers))
-    was_training = seg.training
-    seg.eval()
-    step = max(1, options.batch_size)
-    try:
-        with (
-            progress_bar(description, total=len(indices), enabled=options.progress) as bar,
-            worker_errors_unwrapped(),
-        ):
-            for start in range(0, len(indices), step):
-                chunk = indices[start : start + step]
-                with torch.inference_mode(), placement.autocast_context():
-                    batch = [m.to(placement.device) for m in maps.batch(chunk)]
-                    logits = seg.forward_maps(batch, (size, size)).float()
-                for b, j in enumerate(chunk):
-                    h, w = (int(v) for v in maps.sizes[j])
-                    one = logits[b : b + 1]
-                    if (h, w) != (size, size):
-                        one = F.interpolate(one, size=(h, w), mode="bilinear", align_corners=False)
-                    cm.update(_labels(one), next(masks)[None])
-                bar.advance(len(chunk))
-    finally:
-        seg.train(was_training)
-    return cm.compute()
-
-
-def score(model: nn.Module, dataset: Any, n_classes: int, options: RunOptions, description: str) -> dict:
-    """Confusion-matrix scores (:meth:`ConfusionMatrix.compute`) of ``model`` on ``dataset``, one image at a
-    time (``model`` maps one item's input to ``[1, K, H, W]`` scores at the mask's size)."""
-    from bobench.dense.seg_metrics import ConfusionMatrix
-    from bobench.training import predict_batches
-
-    cm = ConfusionMatrix(n_classes, ignore_index=255)
-    for out, mask in predict_batches(model, dataset, options, description=description, batch_size=1):
-        cm.update(_labels(out), mask)
-    return cm.compute()
-
-
 def _scheduler(optimizer: Any, p: dict[str, Any]) -> Callable[[int], Any]:
     from timm.scheduler import CosineLRScheduler
 
@@ -375,11 +296,14 @@ def run(
         net: nn.Module = HeadOnMaps(seg, size)
         train: Any = CachedTrainSet(sets["train"], index)
 
+        val_masks = KeptMasks(val_base, val_index, k)  # val is scored every epoch: its masks are read once
+
         def val_scores() -> dict:
-            return score_cached(seg, sets["val"], val_base, val_index, k, options, "val")
+            return score_cached(seg, sets["val"], val_masks, k, options, "val")
 
         def test_scores() -> dict:
-            return score_cached(seg, sets["test"], data.test, np.arange(len(data.test)), k, options, "test")
+            test_masks = KeptMasks(data.test, np.arange(len(data.test)), k, budget=0)
+            return score_cached(seg, sets["test"], test_masks, k, options, "test")
     else:
         net = seg
         # plain int indices: a view that pickles to DataLoader workers without copying the dataset
