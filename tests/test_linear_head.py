@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bobench.dense.linear_head import LinearHead, resize_matrix, resized_moments
+from bobench.dense.linear_head import (
+    MATMUL_RESIZE_MAX,
+    LinearHead,
+    resize_bilinear,
+    resize_matrix,
+    resized_moments,
+)
 
 # finest first: one map at the output size, one upsampled by a non-integer factor (Gram statistics), one
 # large map upsampled a little (statistics from the resized map) and a 1x1 map
@@ -40,6 +46,22 @@ def test_resize_matrix_is_what_interpolate_does():
     want = F.interpolate(m, size=(24, 19), mode="bilinear", align_corners=False)
     torch.testing.assert_close(a_h @ m @ a_w.T, want)  # float32 tolerances
     assert resize_matrix(4, 4).equal(torch.eye(4))
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"), [((3, 3), (24, 24)), ((24, 20), (96, 80)), ((7, 30), (5, 64)), ((40, 36), (96, 90))]
+)
+def test_resize_bilinear_equals_interpolate_with_gradients(shape, size):
+    """Matrix products up to MATMUL_RESIZE_MAX pixels a side (upsampling, downsampling, mixed), the kernel
+    above; values and input gradients as F.interpolate's."""
+    x = torch.randn(2, 3, *shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    g = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    got = resize_bilinear(x, size)
+    want = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])
+    assert (max(shape) <= MATMUL_RESIZE_MAX) == (got.grad_fn.name() != want.grad_fn.name())
+    assert resize_bilinear(x, shape) is x
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (20, 17), (24, 20), (1, 1)])
@@ -94,13 +116,18 @@ def test_no_running_statistics_and_no_affine():
 
 
 def test_other_norm_layers_take_the_plain_path():
+    calls = []
+
     class Norm(nn.BatchNorm2d):  # stands for SyncBatchNorm, whose statistics span the ranks
-        pass
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(tuple(x.shape))
+            return super().forward(x)
 
     head, maps = make()
     head.bn = Norm(head.bn.num_features)
     plain = copy.deepcopy(head)
-    assert head(maps).equal(reference(plain, maps))
+    torch.testing.assert_close(head(maps), reference(plain, maps))
+    assert calls == [(3, 18, 24, 20)] * 2  # the head called it on the concatenated map, as the reference
 
 
 def test_a_single_value_per_channel_is_refused_in_training():

@@ -22,26 +22,52 @@ norm layer put in ``bn`` takes the plain path, which builds the concatenated map
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LinearHead", "resize_matrix", "resized_moments"]
+__all__ = ["MATMUL_RESIZE_MAX", "LinearHead", "resize_bilinear", "resize_matrix", "resized_moments"]
+
+#: :func:`resize_bilinear` resizes by two matrix products when the input map is at most this many pixels
+#: high and wide: more multiply-adds than the interpolation kernel, but on the CPU about 2.5x faster forward
+#: and backward together (a [16, 11, 24, 24] -> 96 x 96 resize: 2.4 ms against 6.1 ms, 2-core build machine)
+MATMUL_RESIZE_MAX = 32
 
 
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+@functools.lru_cache(maxsize=256)
+def _matrix(n_in: int, n_out: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    eye = torch.eye(n_in, dtype=torch.float32, device=device).view(1, 1, n_in, n_in)
+    a = F.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=False)[0, 0]
+    return a.to(dtype)
 
 
 def resize_matrix(n_in: int, n_out: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The ``[n_out, n_in]`` float32 matrix of a bilinear resize along one axis (``align_corners=False``),
-    taken from ``F.interpolate`` itself, so ``F.interpolate(m, (H, W)) == A_h @ m @ A_w.T``."""
-    eye = torch.eye(n_in, dtype=torch.float32, device=device).view(1, 1, n_in, n_in)
-    return F.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=False)[0, 0]
+    taken from ``F.interpolate`` itself, so ``F.interpolate(m, (H, W)) == A_h @ m @ A_w.T`` (up to rounding).
+    Cached per size and device: do not modify it in place."""
+    return _matrix(int(n_in), int(n_out), str(torch.device(device or "cpu")), torch.float32)
+
+
+def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` for ``[..., h, w]`` maps (no copy when
+    the size is already ``size``); by matrix products for maps up to :data:`MATMUL_RESIZE_MAX` pixels a side
+    (equal up to float rounding), by the interpolation kernel otherwise."""
+    h, w = x.shape[-2:]
+    hh, ww = int(size[0]), int(size[1])
+    if (h, w) == (hh, ww):
+        return x
+    if max(h, w) > MATMUL_RESIZE_MAX or x.dim() != 4 or not x.is_floating_point():
+        return F.interpolate(x, size=(hh, ww), mode="bilinear", align_corners=False)
+    dtype, device = x.dtype, str(x.device)
+    out = x
+    if w != ww:
+        out = out @ _matrix(w, ww, device, dtype).T
+    if h != hh:
+        out = _matrix(h, hh, device, dtype) @ out
+    return out
 
 
 def resized_moments(m: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +88,7 @@ def resized_moments(m: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor,
         t = torch.matmul(torch.matmul(a_h.T @ a_h, d), a_w.T @ a_w)
         var = (d * t).sum(dim=(0, 2, 3)) / count
     else:
-        var = _resize(d, (hh, ww)).square().mean(dim=(0, 2, 3))
+        var = resize_bilinear(d, (hh, ww)).square().mean(dim=(0, 2, 3))
     return mean, var
 
 
@@ -90,7 +116,7 @@ class LinearHead(nn.Module):
     def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
         if type(self.bn) is not nn.BatchNorm2d:  # e.g. SyncBatchNorm: its statistics span the ranks
-            return self.classifier(self.bn(torch.cat([_resize(m, size) for m in maps], dim=1)))
+            return self.classifier(self.bn(torch.cat([resize_bilinear(m, size) for m in maps], dim=1)))
         mean, var = self._statistics(maps, size)
         bn = self.bn
         inv = torch.rsqrt(var + bn.eps)
@@ -105,7 +131,7 @@ class LinearHead(nn.Module):
         start = 0
         for m in maps:
             c = m.shape[1]
-            part = _resize(F.conv2d(m, folded[:, start : start + c, None, None].to(m.dtype)), size)
+            part = resize_bilinear(F.conv2d(m, folded[:, start : start + c, None, None].to(m.dtype)), size)
             out = part if out is None else out + part
             start += c
         return out + bias.view(1, -1, 1, 1).to(out.dtype)

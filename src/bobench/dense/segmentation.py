@@ -32,17 +32,14 @@ from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
 from bobench.backbones.base import Backbone
-from bobench.dense.linear_head import LinearHead
+from bobench.dense.linear_head import LinearHead, resize_bilinear
 from bobench.dense.neck import hold_backbone_eval, input_multiple
 from bobench.registry import suggest
 
 HEADS = ("linear", "upernet")
 
 
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+_resize = resize_bilinear
 
 
 def _classifier(channels: int, n_classes: int) -> nn.Conv2d:
