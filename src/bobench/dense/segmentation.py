@@ -6,7 +6,8 @@ detectors do) to logits ``[B, K, H, W]``. It only calls ``backbone.features(x)``
 per-backbone code. Heads (``head``):
 
 * ``"linear"``: DINOv2's linear evaluation (its mmseg ``BNHead``): BatchNorm + 1x1 conv on the last map, or
-  on all maps resized to the finest and concatenated (``maps="all"``, DINOv2's ``resize_concat``);
+  on all maps resized to the finest and concatenated (``maps="all"``, DINOv2's ``resize_concat``), computed
+  per map without building the concatenation (:mod:`bobench.dense.linear_head`);
 * ``"upernet"``: mmseg's ``UPerHead``: a pyramid pooling module on the last map, an FPN over all maps, their
   levels fused at the finest stride, dropout and a 1x1 classifier.
 
