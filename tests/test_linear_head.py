@@ -134,3 +134,14 @@ def test_a_single_value_per_channel_is_refused_in_training():
     head = LinearHead([3], 2).train()
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         head([torch.randn(1, 3, 1, 1)])
+
+
+def test_resize_matrices_first_built_under_inference_mode_serve_training():
+    """The resize matrices are cached: one first built under inference_mode (an evaluation) must not be an
+    inference tensor, or the next training step could not save it for backward."""
+    size = (17, 29)  # a size no other test asks for, so the matrices are built here
+    with torch.inference_mode():
+        resize_bilinear(torch.randn(1, 2, 5, 7), size)
+    x = torch.randn(1, 2, 5, 7, requires_grad=True)
+    resize_bilinear(x, size).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape

@@ -39,9 +39,12 @@ MATMUL_RESIZE_MAX = 32
 
 @functools.lru_cache(maxsize=256)
 def _matrix(n_in: int, n_out: int, device: str, dtype: torch.dtype) -> torch.Tensor:
-    eye = torch.eye(n_in, dtype=torch.float32, device=device).view(1, 1, n_in, n_in)
-    a = F.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=False)[0, 0]
-    return a.to(dtype)
+    # a normal tensor even when first asked for under inference_mode: an inference tensor, once cached,
+    # could not be saved for backward by a later training step
+    with torch.inference_mode(False), torch.no_grad():
+        eye = torch.eye(n_in, dtype=torch.float32, device=device).view(1, 1, n_in, n_in)
+        a = F.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=False)[0, 0]
+        return a.to(dtype)
 
 
 def resize_matrix(n_in: int, n_out: int, device: torch.device | str | None = None) -> torch.Tensor:
