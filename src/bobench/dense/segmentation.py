@@ -40,9 +40,6 @@ from bobench.registry import suggest
 HEADS = ("linear", "upernet")
 
 
-_resize = resize_bilinear
-
-
 def _classifier(channels: int, n_classes: int) -> nn.Conv2d:
     conv = nn.Conv2d(channels, n_classes, 1)
     nn.init.normal_(conv.weight, std=0.01)  # mmseg's init of ``conv_seg``
@@ -98,14 +95,14 @@ class UPerNetHead(nn.Module):
 
     def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         top = maps[-1]
-        pooled = [_resize(stage(top), top.shape[-2:]) for stage in self.ppm]
+        pooled = [resize_bilinear(stage(top), top.shape[-2:]) for stage in self.ppm]
         levels = [conv(m) for conv, m in zip(self.laterals, maps[:-1], strict=True)]
         levels.append(self.bottleneck(torch.cat([top, *pooled], dim=1)))
         for i in range(len(levels) - 1, 0, -1):  # top-down; out of place, as the laterals are reused
-            levels[i - 1] = levels[i - 1] + _resize(levels[i], levels[i - 1].shape[-2:])
+            levels[i - 1] = levels[i - 1] + resize_bilinear(levels[i], levels[i - 1].shape[-2:])
         outs = [conv(lv) for conv, lv in zip(self.fpn_convs, levels[:-1], strict=True)] + [levels[-1]]
         size = outs[0].shape[-2:]
-        x = self.fuse(torch.cat([_resize(o, size) for o in outs], dim=1))
+        x = self.fuse(torch.cat([resize_bilinear(o, size) for o in outs], dim=1))
         return self.classifier(self.dropout(x))
 
 
@@ -243,7 +240,7 @@ class SegmentationModel(nn.Module):
         dtype = next(self.head.parameters()).dtype
         logits = self.head([m.to(dtype) for m in maps])
         h, w = int(out_hw[0]), int(out_hw[1])
-        return _resize(logits, self.padded_size((h, w)))[..., :h, :w]
+        return resize_bilinear(logits, self.padded_size((h, w)))[..., :h, :w]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` in ``[0, 1]`` → logits ``[B, K, H, W]``."""
@@ -379,10 +376,10 @@ def multiscale_flip_inference(
     n = 0
     for s in scales:
         size = (max(1, math.floor(h * s + 0.5)), max(1, math.floor(w * s + 0.5)))
-        scaled = _resize(image, size)
+        scaled = resize_bilinear(image, size)
         for flipped in (False, True) if flip else (False,):
             x = scaled.flip(-1) if flipped else scaled
-            logits = _resize(model_fn(x).float(), (h, w))
+            logits = resize_bilinear(model_fn(x).float(), (h, w))
             probs = (logits.flip(-1) if flipped else logits).softmax(dim=1)
             total = probs if total is None else total + probs
             n += 1

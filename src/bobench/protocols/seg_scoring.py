@@ -21,7 +21,7 @@ from bobench.options import RunOptions
 
 __all__ = ["KEEP_MASKS_BYTES", "KeptMasks", "labels_of", "score", "score_cached"]
 
-#: masks of one split kept in memory across scorings up to this many bytes (one byte per pixel below 255
+#: masks of one split kept in memory across scorings up to this many bytes (one byte per pixel up to 254
 #: classes); larger splits (ADE20K's or Cityscapes' val) are decoded again at every scoring
 KEEP_MASKS_BYTES = 256 << 20
 
@@ -49,7 +49,8 @@ class KeptMasks:
     """The original masks of ``dataset``'s items ``indices``, in that order, for repeated scorings.
 
     Iterating reads them with ``workers`` DataLoader workers; a complete pass whose masks fit ``budget``
-    bytes (stored as uint8 below 256 classes, else int16/int32) is kept, and later passes come from memory.
+    bytes (stored as uint8 up to 254 classes, so that the ignore value 255 stays apart, else int16/int32)
+    is kept, and later passes come from memory.
     A pass stopped early (an error) keeps nothing.
     """
 
@@ -58,9 +59,6 @@ class KeptMasks:
         self.dtype = torch.uint8 if n_classes < 255 else torch.int16 if n_classes < 32767 else torch.int32
         self.budget = int(budget)
         self.kept: list[torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
     def iterate(self, workers: int) -> Iterator[torch.Tensor]:
         """Each mask in order (int64 from the dataset, or the kept copy in the smallest dtype)."""
