@@ -225,3 +225,82 @@ def test_uncached_training_without_augmentation_sees_the_cached_pixels_and_label
         want_image, _ = resize_for_maps(torch.as_tensor(plain[i][0]), None, 32)
         assert torch.equal(torch.as_tensor(mask).to(torch.uint8), torch.from_numpy(np.array(cached.masks[i])))
         assert torch.allclose(torch.as_tensor(image).float(), want_image)
+
+
+def test_cached_training_reads_a_batch_in_one_go_and_gets_what_item_reads_give(tmp_path: Path) -> None:
+    """The trainer's loader (SeededDataset in a Subset) reads each batch of cached maps by one read of each
+    memory map, and the batches equal the per-item reads collated."""
+    from torch.utils.data import DataLoader, Subset
+
+    from bobench import create_backbone
+    from bobench.data import load_segmentation_dataset
+    from bobench.dense.segmentation import build_segmenter
+    from bobench.map_cache import MapStore
+    from bobench.seeding import SeededDataset
+
+    data = _segfolder(tmp_path / "data", {"train": 10}, seed=7)
+    ds = load_segmentation_dataset(f"segfolder:{data}", split="train")
+    seg = build_segmenter(create_backbone("random/timm:test_resnet"), 3, "linear", maps="all").eval()
+    maps = MapStore(tmp_path / "maps").get_or_extract(seg, ds, 32, OPTS)
+    train = segmentation.CachedTrainSet(maps, np.array([9, 2, 5, 0, 7, 1]))
+    reads = []
+    batch = maps.batch
+    maps.batch = lambda idx: reads.append(list(idx)) or batch(idx)  # type: ignore[method-assign]
+    order = [4, 0, 5, 2, 1]
+    loader = DataLoader(Subset(SeededDataset(train, seed=0), order), batch_size=3, num_workers=0)
+    got = list(loader)
+    assert reads == [[7, 9, 1], [5, 2]]  # one read per batch, train's rows in the loader's order
+    maps.batch = batch  # type: ignore[method-assign]
+    for (x, y), chunk in zip(got, ([4, 0, 5], [2, 1]), strict=True):
+        items = [train[i] for i in chunk]
+        assert y.dtype == torch.int64 and torch.equal(y, torch.stack([it[1] for it in items]))
+        for j, m in enumerate(x):
+            assert torch.equal(m, torch.stack([it[0][j] for it in items]))
+
+
+def test_seeded_dataset_still_seeds_each_item_of_a_dataset_that_draws() -> None:
+    """A dataset that does not say ``draws_random = False`` is read item by item under each item's seed,
+    whether the loader fetches one item or a batch."""
+    from bobench.seeding import SeededDataset
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return torch.rand(2) + i
+
+    seeded = SeededDataset(Noisy(), seed=3)
+    one = [seeded[i] for i in (2, 0, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(seeded.__getitems__([2, 0, 3]), one, strict=True))
+    seeded.epoch = 1
+    assert not torch.equal(seeded.__getitems__([2])[0], one[0])
+
+
+def test_the_uncached_path_runs_a_cnn_in_channels_last_by_default_and_says_so(tmp_path: Path) -> None:
+    """Channels_last for a CNN backbone unless the options say otherwise, recorded in the result; the two
+    memory formats train the same model up to float rounding. The cached path records how its maps were
+    extracted."""
+    from bobench import create_backbone
+    from bobench.data import load_segmentation_dataset
+    from bobench.protocols.base import TrainData
+
+    data = _segfolder(tmp_path / "data", {"train": 16, "test": 6}, seed=2)
+    splits = {s: load_segmentation_dataset(f"segfolder:{data}", split=s) for s in ("train", "test")}
+    td = TrainData(
+        train=splits["train"], val=None, test=splits["test"], classes=CLASSES, image_size=32,
+        cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    params = {"epochs": 2, "lr": 1e-2, "batch_size": 8, "cache_maps": False, "scale_range": None, "hflip": 0}
+    runs = {}
+    for channels_last in (None, False):
+        torch.manual_seed(0)
+        backbone = create_backbone("random/timm:test_resnet")
+        opts = OPTS.replace(channels_last=channels_last)
+        runs[channels_last] = segmentation.run(backbone, td, params, 0, opts, None)
+    assert runs[None].info["channels_last"] is True and runs[False].info["channels_last"] is False
+    losses = [[h["loss"] for h in r.info["history"]] for r in runs.values()]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    cached = segmentation.run(create_backbone("random/timm:test_resnet"), td, {"epochs": 1}, 0, OPTS)
+    assert "channels_last" not in cached.info
+    assert {v["channels_last"] for v in cached.info["map_cache"].values()} == {True}

@@ -342,6 +342,7 @@ class MapStore:
                 "precision": placement.precision,
                 "batch_size": options.batch_size,
                 "forward_batch_size": fwd_bs,
+                "channels_last": extraction_memory_format(model.backbone, options) == torch.channels_last,
                 "peak_mem_mb": peak_memory_mb(placement.device),
                 "bytes": sum((folder / name).stat().st_size for name in files),
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

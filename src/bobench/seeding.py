@@ -61,3 +61,12 @@ class SeededDataset(Dataset):
         # augmentations draw on the CPU (a worker never touches the accelerator)
         seed_all(seed_for(self.seed, "sample", self.epoch, int(i)), _CPU)
         return self.dataset[i]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        """Items ``indices`` (what a DataLoader fetches for one batch). A dataset that declares
+        ``draws_random = False`` (its items never draw random numbers) is read without the per-item
+        seeding, through its own ``__getitems__`` when it has one (e.g. one read of a memory map)."""
+        if getattr(self.dataset, "draws_random", True):
+            return [self[i] for i in indices]
+        many = getattr(self.dataset, "__getitems__", None)
+        return list(many(indices)) if many is not None else [self.dataset[i] for i in indices]

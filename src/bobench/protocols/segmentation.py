@@ -125,6 +125,8 @@ def uses_cached_maps(p: Mapping[str, Any]) -> bool:
 class CachedTrainSet(torch.utils.data.Dataset):
     """``(maps, mask)`` of cached images: the maps as stored, the mask resized to the input size."""
 
+    draws_random = False  # nothing to seed per item (SeededDataset reads a batch in one go)
+
     def __init__(self, maps: Any, indices: np.ndarray) -> None:
         self.maps, self.indices = maps, [int(i) for i in indices]
 
@@ -134,6 +136,12 @@ class CachedTrainSet(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         j = self.indices[i]
         return self.maps.item(j), torch.from_numpy(np.asarray(self.maps.masks[j], dtype=np.int64))
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+        """Items ``indices`` from one read of each memory map (the DataLoader's collate stacks them)."""
+        rows = [self.indices[i] for i in indices]
+        maps, masks = self.maps.batch(rows), self.maps.mask_batch(rows)
+        return [([m[b] for m in maps], masks[b]) for b in range(len(rows))]
 
 
 def dataset_view(dataset: Any, transforms: Any) -> Any:
@@ -274,7 +282,9 @@ def run(
     from bobench.training import Trainer, TrainResult, cpu_state
 
     p = resolve_params(params)
-    options = (options or RunOptions()).replace(channels_last=False)
+    options = options or RunOptions()
+    if options.channels_last is None:  # fixed-size crops and windows: CNNs run faster in channels_last
+        options = options.replace(channels_last=bool(backbone.prefers_channels_last))
     size = int(data.image_size or backbone.preprocess()["input_size"][-1])
     k = data.n_classes
     index, val_base, val_index, info = split_train_val(data, p["val_fraction"], seed)
@@ -292,7 +302,12 @@ def run(
                 sets[name] = sets["train"]
                 continue
             sets[name] = store.get_or_extract(seg, ds, size, options, dtype=p["cache_dtype"])
-        info["map_cache"] = {n: {"key": s.key[:16], "hit": s.cache_hit} for n, s in sets.items()}
+        # channels_last: the memory format of the extraction that made the entry (None: made before it was
+        # recorded), so a hit states how its maps were made, not how they would be now
+        info["map_cache"] = {
+            n: {"key": s.key[:16], "hit": s.cache_hit, "channels_last": s.stats.get("channels_last")}
+            for n, s in sets.items()
+        }
         net: nn.Module = HeadOnMaps(seg, size)
         train: Any = CachedTrainSet(sets["train"], index)
 
@@ -306,6 +321,7 @@ def run(
             return score_cached(seg, sets["test"], test_masks, k, options, "test")
     else:
         net = seg
+        info["channels_last"] = bool(options.channels_last)  # the backbone's memory format in every step
         # plain int indices: a view that pickles to DataLoader workers without copying the dataset
         train = Subset(dataset_view(data.train, train_transforms(p, size)), np.asarray(index).tolist())
         val = Subset(dataset_view(val_base, None), np.asarray(val_index).tolist())
@@ -319,9 +335,13 @@ def run(
             return score(predictor, test, k, options, "test")
 
     initial = cpu_state(net)
-    # cached items are slices of memory-mapped arrays, nothing to decode: DataLoader workers would only add
-    # a process start per epoch and pickle every map across (unless the user asked for workers)
-    train_options = options.replace(num_workers=0) if cached and options.num_workers is None else options
+    train_options = options
+    if cached:  # the head reads the maps in the layout they were stored in
+        train_options = options.replace(channels_last=False)
+        if options.num_workers is None:
+            # cached items are slices of memory-mapped arrays, nothing to decode: DataLoader workers would
+            # only add a process start per epoch and pickle every map across (unless the user asked)
+            train_options = train_options.replace(num_workers=0)
 
     def evaluate(m: nn.Module) -> float:
         value = val_scores()[p["select_on"]]
