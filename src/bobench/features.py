@@ -24,6 +24,7 @@ so two processes extracting the same features never corrupt them: the second wai
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -67,6 +68,8 @@ class ExtractOptions:
         shard_size: samples per shard file (the unit of resumption).
         channels_last: None lets the backbone decide (CNNs: yes).
         progress: show a progress bar (only on a terminal).
+        input_cache: read the images pre-resized from :mod:`bobench.input_cache` (decoded and resized once
+            per dataset and resize/crop, shared by backbones that resize alike); the same features.
     """
 
     device: str = "auto"
@@ -77,6 +80,7 @@ class ExtractOptions:
     shard_size: int = 8192
     channels_last: bool | None = None
     progress: bool = True
+    input_cache: bool = False
 
     @classmethod
     def from_run(cls, options: RunOptions, **extra: Any) -> ExtractOptions:
@@ -88,6 +92,7 @@ class ExtractOptions:
             num_workers=options.num_workers,
             channels_last=options.channels_last,
             progress=options.progress,
+            input_cache=options.input_cache,
             **extra,
         )
 
@@ -189,9 +194,9 @@ def extraction_loader(dataset: Any, options: RunOptions, placement: Placement) -
     ``options.num_workers`` (default: the spare cores, at most 8), pinned memory for CUDA."""
     from torch.utils.data import DataLoader
 
-    workers = options.num_workers
-    if workers is None:
-        workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+    from bobench.distributed import default_workers
+
+    workers = options.num_workers if options.num_workers is not None else default_workers()
     return DataLoader(
         dataset,
         batch_size=options.batch_size,
@@ -314,7 +319,14 @@ class FeatureStore:
         ds.transform = backbone.transform(train=False, image_size=options.image_size)
         indices = [j for i in todo for j in range(i * size, min((i + 1) * size, n))]
         t0 = time.perf_counter()
-        for index, feats, labels in self._run(backbone, ds, indices, todo, size, n, options, placement):
+        prepare, inputs = None, None
+        if options.input_cache and indices:
+            from bobench.input_cache import cached_inputs
+
+            ds, prepare, inputs = cached_inputs(ds, self.root / "inputs", options)
+        for index, feats, labels in self._run(
+            backbone, ds, indices, todo, size, n, options, placement, prepare
+        ):
             name = f"shard-{index:05d}"
             _atomic_save_npy(folder / f"{name}.npy", feats)
             _atomic_save_npy(folder / f"{name}.labels.npy", labels)
@@ -334,6 +346,7 @@ class FeatureStore:
             "batch_size": options.batch_size,
             "peak_mem_mb": peak_memory_mb(placement.device),
             "resumed_shards": len(done),
+            "input_cache": inputs,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
@@ -356,8 +369,9 @@ class FeatureStore:
         if pending is not None:
             yield pending[0].cpu(), pending[1]
 
-    def _run(self, backbone, ds, indices, todo, size, n, options, placement):
-        """Yield ``(shard index, features, labels)`` for each shard in ``todo``, in order."""
+    def _run(self, backbone, ds, indices, todo, size, n, options, placement, prepare=None):
+        """Yield ``(shard index, features, labels)`` for each shard in ``todo``, in order; ``prepare`` turns
+        a batch of the input cache's uint8 images into the model's input on the device."""
         import torch
         from torch.utils.data import Subset
 
@@ -369,6 +383,8 @@ class FeatureStore:
         memory_format = extraction_memory_format(backbone, options)
         if memory_format == torch.channels_last:
             model = model.to(memory_format=memory_format)
+        if prepare is not None and options.num_workers is None:
+            options = dataclasses.replace(options, num_workers=1)  # memory-map reads: one reader is plenty
         loader = extraction_loader(Subset(ds, indices), options, placement)
         fwd_bs = options.batch_size
         shard_iter = iter(todo)
@@ -383,6 +399,8 @@ class FeatureStore:
                 try:
                     outs = []
                     for chunk in x.split(fwd_bs):
+                        if prepare is not None:  # uint8 to the device, converted there
+                            chunk = prepare(chunk.to(placement.device, non_blocking=True))
                         chunk = chunk.to(placement.device, non_blocking=True, memory_format=memory_format)
                         with placement.autocast_context():
                             outs.append(model.embed(chunk).float())

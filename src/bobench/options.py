@@ -27,6 +27,9 @@ class RunOptions:
         compile: run trained models through ``torch.compile`` (opt-in).
         checkpoint_minutes: a training run also checkpoints inside an epoch when this many minutes
             have passed since the last checkpoint (None: after every epoch only).
+        input_cache: frozen-feature extraction reads images decoded and resized once per dataset and
+            resize/crop (:mod:`bobench.input_cache`, under the feature cache), shared by every backbone
+            that resizes alike; the features are the same. Opt-in: it stores the resized images on disk.
 
     Example:
         >>> RunOptions(device="cpu").replace(batch_size=32).batch_size
@@ -41,6 +44,7 @@ class RunOptions:
     progress: bool = True
     compile: bool = False
     checkpoint_minutes: float | None = 10.0
+    input_cache: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:

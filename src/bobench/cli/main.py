@@ -38,6 +38,15 @@ app.add_typer(results_app, name="results")
 app.command("report")(report_cmd)
 
 
+_INPUT_CACHE = Annotated[
+    bool,
+    typer.Option(
+        "--input-cache", help="Extract features from images decoded and resized once, shared by backbones "
+        "that resize alike (stored beside the feature cache; same features).",
+    ),
+]  # fmt: skip
+
+
 # -- datasets ----------------------------------------------------------------------------------------
 @datasets_app.command("list")
 def datasets_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
@@ -80,6 +89,7 @@ def features_extract(
     image_size: Annotated[int | None, typer.Option(help="Override the card's input size.")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: spare cores).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache (default ~/.cache/bobench).")] = None,
+    input_cache: _INPUT_CACHE = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Extract pooled features of BACKBONE on DATASET into the content-addressed cache.
@@ -91,8 +101,9 @@ def features_extract(
 
     store = FeatureStore(cache_dir)
     opts = ExtractOptions(
-        device=device, precision=precision, batch_size=batch_size, image_size=image_size, num_workers=workers
-    )
+        device=device, precision=precision, batch_size=batch_size, image_size=image_size, num_workers=workers,
+        input_cache=input_cache,
+    )  # fmt: skip
     splits = split or ["train", "val", "test"]
     index = LightIndex(store)
     request = LightRequest(backbone, dataset, opts, pretrained=pretrained, weights=weights)
@@ -222,14 +233,16 @@ _EXIT_CODES = (
 
 
 def _options(
-    device: str, precision: str, batch_size: int, workers: int | None, compile: bool = False
-) -> RunOptions:
+    device: str, precision: str, batch_size: int, workers: int | None, compile: bool = False,
+    input_cache: bool = False,
+) -> RunOptions:  # fmt: skip
     from bobench.distributed import init_from_env
 
     device = init_from_env(device)  # under torchrun: join the process group; this rank's GPU
     return RunOptions(
-        device=device, precision=precision, batch_size=batch_size, num_workers=workers, compile=compile
-    )
+        device=device, precision=precision, batch_size=batch_size, num_workers=workers, compile=compile,
+        input_cache=input_cache,
+    )  # fmt: skip
 
 
 _argv: list[str] = []  # this process's command line (main() sets it): --nproc reruns it under torchrun
@@ -272,6 +285,7 @@ def run_cmd(
     strict: _STRICT = False,
     nproc: _NPROC = 1,
     compile: _COMPILE = False,
+    input_cache: _INPUT_CACHE = False,
 ) -> None:
     """Run one backbone on one or more tasks."""
     if nproc > 1 and not dry_run:
@@ -280,7 +294,7 @@ def run_cmd(
         [backbone],
         task,
         db=db,
-        options=_options(device, precision, batch_size, workers, compile),
+        options=_options(device, precision, batch_size, workers, compile, input_cache),
         title="run",
         cache_dir=cache_dir,
         force=force,
@@ -316,6 +330,7 @@ def battle_cmd(
     max_retries: Annotated[int, typer.Option(help="Ray: retries of a group whose task or worker fails.")] = 1,
     nproc: _NPROC = 1,
     compile: _COMPILE = False,
+    input_cache: _INPUT_CACHE = False,
 ) -> None:
     """Run a suite (or --backbones x --tasks), skipping finished cells, and print the leaderboard.
 
@@ -339,7 +354,7 @@ def battle_cmd(
         bbs,
         ts,
         db=db,
-        options=_options(device, precision, batch_size, workers, compile),
+        options=_options(device, precision, batch_size, workers, compile, input_cache),
         title=s.name if s else "battle",
         cache_dir=cache_dir,
         force=force,

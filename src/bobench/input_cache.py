@@ -1,0 +1,322 @@
+"""Pre-resized uint8 inputs: decode and resize a dataset once, reuse it for every backbone that resizes alike.
+
+A backbone's evaluation transform (timm's and torchvision's) is ``[resize / crop ops on the PIL image...,
+ToTensor, Normalize]``. Everything before ``ToTensor`` depends only on the image and the resize and crop, so
+its output, one uint8 ``[H, W, 3]`` array per image, is stored once per (dataset, resize and crop) and read
+back for every backbone that resizes and crops alike (most ImageNet models at 224 px share one), whatever
+their mean and std. Reading an image is then a slice of a memory map instead of a decode and a resize; the
+conversion to float and the normalisation run on the whole batch on the extraction's device
+(:class:`Normalise`), so a GPU receives uint8 (a quarter of float32's bytes) and normalises it itself.
+
+**Exactness.** :class:`Normalise` applies torchvision's float32 operations in their order (``x / 255``, then
+``(x - mean) / std``) as true divisions by tensors on the batch's device (never a multiplication by a
+reciprocal, which CUDA uses for a CPU scalar divisor), so the model sees the numbers the ordinary path gives
+it and the features share the ordinary path's cache key. Tests check the features for equality.
+
+Layout under ``root`` (``<feature cache>/inputs``)::
+
+    <key>/manifest.json       # key fields, image shape, shards done, build stats
+    <key>/shard-00000.npy     # uint8 [n_i, H, W, 3]: images [i*S, (i+1)*S)
+    <key>.lock                # held by the one process building this key
+
+The key covers the dataset's manifest hash, each resize / crop op's class and settings, the Pillow and
+torchvision versions (they compute the resize) and :data:`FORMAT_VERSION`. Shards are written atomically
+and a killed build resumes at the first missing one. A transform that does not split so (a custom callable,
+an op not in :data:`GEOMETRIC_OPS`) is extracted the ordinary way; :func:`cached_inputs` says why.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from filelock import FileLock
+from torch.utils.data import Dataset
+
+FORMAT_VERSION = 1  # bump when the layout or the meaning of a key component changes
+SHARD_SIZE = 512  # images per shard file (77 MB at 224 px): the unit of resumption
+#: resize / crop ops whose output depends only on the image and their public settings (no random draws)
+GEOMETRIC_OPS = frozenset(
+    {
+        "torchvision.transforms.transforms.Resize",
+        "torchvision.transforms.transforms.CenterCrop",
+        "timm.data.transforms.ResizeKeepRatio",
+        "timm.data.transforms.CenterCropOrPad",
+        "timm.data.transforms.TrimBorder",
+    }
+)
+_TO_TENSOR = frozenset({"torchvision.transforms.transforms.ToTensor", "timm.data.transforms.MaybeToTensor"})
+_NORMALIZE = "torchvision.transforms.transforms.Normalize"
+
+
+def _qualname(op: Any) -> str:
+    return f"{type(op).__module__}.{type(op).__qualname__}"
+
+
+def describe_op(op: Any) -> dict[str, Any]:
+    """An op's class and public settings as plain data (what the key hashes)."""
+    settings = {k: repr(v) for k, v in sorted(vars(op).items()) if not k.startswith("_") and k != "training"}
+    return {"op": _qualname(op), **settings}
+
+
+@dataclass(frozen=True)
+class SplitTransform:
+    """A transform split at ``ToTensor``: the PIL ops before it, and the normalisation after it."""
+
+    geometric: tuple[Any, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def split_transform(transform: Any) -> SplitTransform | str:
+    """``transform`` as :class:`SplitTransform`, or the reason it cannot be split (a string)."""
+    ops = getattr(transform, "transforms", None)
+    if _qualname(transform) != "torchvision.transforms.transforms.Compose" or not isinstance(ops, list):
+        return f"the transform is a {type(transform).__name__}, not a torchvision Compose"
+    if len(ops) < 2 or _qualname(ops[-2]) not in _TO_TENSOR or _qualname(ops[-1]) != _NORMALIZE:
+        return "the transform does not end with ToTensor and Normalize"
+    unknown = [type(op).__name__ for op in ops[:-2] if _qualname(op) not in GEOMETRIC_OPS]
+    if unknown:
+        return f"the transform has ops the input cache does not know: {', '.join(unknown)}"
+    norm = ops[-1]
+    mean = tuple(float(v) for v in torch.as_tensor(norm.mean, dtype=torch.float32).reshape(-1))
+    std = tuple(float(v) for v in torch.as_tensor(norm.std, dtype=torch.float32).reshape(-1))
+    return SplitTransform(tuple(ops[:-2]), mean, std)
+
+
+class Normalise(torch.nn.Module):
+    """uint8 ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]`` (a channels_last view of the input's layout), as
+    torchvision's ``to_tensor`` then ``normalize`` compute each image: ``x / 255``, ``- mean``, ``/ std``."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"expected uint8 [B, H, W, 3], got {x.dtype} {tuple(x.shape)}")
+        dev = x.device
+        # tensors on the batch's device, not Python scalars: CUDA turns a scalar divisor into a reciprocal
+        scale = torch.tensor(255.0, dtype=torch.float32, device=dev)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+        return x.permute(0, 3, 1, 2).to(torch.float32).div(scale).sub_(mean).div_(std)
+
+
+class _Decoded(Dataset):
+    """``(uint8 [H, W, 3] tensor, index)`` of ``dataset``'s images after the resize / crop ops."""
+
+    def __init__(self, dataset: Any, geometric: Sequence[Any]) -> None:
+        self.dataset, self.geometric = dataset, tuple(geometric)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.dataset.load_image(i)  # a PIL RGB image, as the ordinary path's transform gets it
+        for op in self.geometric:
+            image = op(image)
+        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)), i
+
+
+def _as_list(batch: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], list[int]]:
+    return [image for image, _ in batch], [i for _, i in batch]
+
+
+@dataclass
+class InputSet:
+    """A complete set of pre-resized inputs, memory-mapped (see the module docstring)."""
+
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+    cache_hit: bool = False
+    _shards: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_shards": {}}  # workers reopen the files, never copy the arrays
+
+    @property
+    def n(self) -> int:
+        return int(self.manifest["n"])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(H, W, 3)`` of every image."""
+        return tuple(self.manifest["shape"])  # type: ignore[return-value]
+
+    def shard(self, s: int) -> np.ndarray:
+        if s not in self._shards:
+            self._shards[s] = np.load(self.path / f"shard-{s:05d}.npy", mmap_mode="r")
+        return self._shards[s]
+
+    def rows(self, idx: Sequence[int]) -> np.ndarray:
+        """uint8 ``[len(idx), H, W, 3]`` of images ``idx``, in that order (one read per shard touched)."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        size = int(self.manifest["shard_size"])
+        out = np.empty((len(idx), *self.shape), np.uint8)
+        for s in np.unique(idx // size):
+            where = np.flatnonzero(idx // size == s)
+            out[where] = self.shard(int(s))[idx[where] - s * size]
+        return out
+
+
+class CachedInputs(Dataset):
+    """``dataset``'s items with the image replaced by its stored uint8 ``[H, W, 3]`` tensor (labels as the
+    dataset gives them); ``__getitems__`` reads a whole batch at once."""
+
+    def __init__(self, dataset: Any, inputs: InputSet) -> None:
+        self.dataset, self.inputs = dataset, inputs
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _label(self, i: int) -> Any:
+        target = self.dataset.targets[i]
+        return torch.from_numpy(target.astype(np.float32)) if target.ndim else int(target)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
+        return torch.from_numpy(self.inputs.rows([i])[0]), self._label(i)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, Any]]:
+        rows = torch.from_numpy(self.inputs.rows(indices))
+        return [(rows[b], self._label(i)) for b, i in enumerate(indices)]
+
+
+class InputStore:
+    """The on-disk store of pre-resized inputs (see the module docstring)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key_fields(dataset: Any, geometric: Sequence[Any]) -> dict[str, Any]:
+        """Everything that changes the stored pixels, as plain data."""
+        import PIL
+        import torchvision
+
+        return {
+            "format": FORMAT_VERSION,
+            "dataset": dataset.manifest_hash,
+            "ops": [describe_op(op) for op in geometric],
+            "pillow": PIL.__version__,
+            "torchvision": torchvision.__version__,
+        }
+
+    def get_or_build(
+        self, dataset: Any, geometric: Sequence[Any], workers: int, progress: bool = False,
+        shard_size: int = SHARD_SIZE,
+    ) -> InputSet:  # fmt: skip
+        """The stored inputs of ``dataset`` under ``geometric``, decoding (or resuming) what is missing."""
+        from bobench.features import atomic_write_bytes, config_sha
+
+        fields = self.key_fields(dataset, geometric)
+        key = config_sha(fields)
+        folder = self.root / key
+        with FileLock(str(self.root / f"{key}.lock")):
+            manifest = _read_manifest(folder)
+            if manifest is not None and manifest.get("complete"):
+                return InputSet(key, folder, manifest, cache_hit=True)
+            folder.mkdir(exist_ok=True)
+            n = len(dataset)
+            manifest = manifest or {"key": key, "key_fields": fields, "n": n, "shard_size": shard_size}
+            manifest.update(complete=False, shards=sorted(manifest.get("shards", [])))
+            size = int(manifest["shard_size"])
+            done = {s for s in manifest["shards"] if (folder / f"shard-{s:05d}.npy").is_file()}
+            todo = [s for s in range(-(-n // size)) if s not in done]
+            t0 = time.perf_counter()
+            for s, rows in _decode(dataset, geometric, todo, size, workers, progress):
+                if "shape" not in manifest:
+                    manifest["shape"] = list(rows.shape[1:])
+                _atomic_npy(folder / f"shard-{s:05d}.npy", rows)
+                manifest["shards"] = sorted({*manifest["shards"], s})
+                atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+            manifest.setdefault("shape", [0, 0, 3])
+            manifest.update(complete=True, build_s=time.perf_counter() - t0, resumed_shards=len(done))
+            atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+            return InputSet(key, folder, manifest, cache_hit=not todo)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _atomic_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, arr)
+    tmp.replace(path)
+
+
+def _decode(dataset: Any, geometric: Sequence[Any], todo: list[int], size: int, workers: int, progress: bool):
+    """Yield ``(shard, uint8 rows)`` for each shard in ``todo``, decoding with ``workers`` processes."""
+    from torch.utils.data import DataLoader, Subset
+
+    from bobench.data.errors import worker_errors_unwrapped
+    from bobench.progress import progress_bar
+
+    n = len(dataset)
+    indices = [i for s in todo for i in range(s * size, min((s + 1) * size, n))]
+    loader = DataLoader(
+        Subset(_Decoded(dataset, geometric), indices),
+        batch_size=min(32, size),
+        num_workers=workers,
+        collate_fn=_as_list,
+    )
+    pending: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    shape: tuple[int, ...] | None = None
+    with (
+        progress_bar("resize once (input cache)", total=len(indices), enabled=progress) as bar,
+        worker_errors_unwrapped(),
+    ):
+        for images, index in loader:
+            for image, i in zip(images, index, strict=True):
+                if shape is None:
+                    shape = tuple(image.shape)
+                if tuple(image.shape) != shape or len(shape) != 3 or shape[-1] != 3:
+                    raise ValueError(
+                        f"input cache: image {dataset.item_id(i)} is {tuple(image.shape)} after the resize and "
+                        f"crop, the first was {shape}; the cache stores RGB images of one size (a transform "
+                        "that crops to a fixed size): extract without --input-cache"
+                    )
+                pending.setdefault(i // size, []).append((i, image))
+            bar.advance(len(index))
+            for s in sorted(pending):
+                if len(pending[s]) == min((s + 1) * size, n) - s * size:
+                    rows = sorted(pending.pop(s), key=lambda t: t[0])
+                    yield s, torch.stack([r for _, r in rows]).numpy()
+
+
+def cached_inputs(
+    dataset: Any, root: str | Path, options: Any
+) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor] | None, dict[str, Any]]:
+    """For an extraction of ``dataset`` (its ``transform`` the backbone's): the dataset to read, the batch
+    conversion to apply on the device, and what to record.
+
+    Returns ``(CachedInputs, Normalise, info)`` when the transform splits, else ``(dataset, None, info)``
+    with ``info["reason"]``. ``options``: an extraction's options (``num_workers``, ``progress``).
+    """
+    split = split_transform(dataset.transform)
+    if not isinstance(split, str) and not all(
+        hasattr(dataset, a) for a in ("load_image", "targets", "item_id")
+    ):
+        split = f"the dataset ({type(dataset).__name__}) does not give its images without the transform"
+    if isinstance(split, str):
+        return dataset, None, {"used": False, "reason": split}
+    from bobench.distributed import default_workers
+
+    workers = options.num_workers if options.num_workers is not None else default_workers()
+    inputs = InputStore(root).get_or_build(dataset, split.geometric, workers, options.progress)
+    info = {"used": True, "key": inputs.key[:16], "hit": inputs.cache_hit, "shape": list(inputs.shape)}
+    if not inputs.cache_hit:
+        info["build_s"] = inputs.manifest.get("build_s")
+    return CachedInputs(dataset, inputs), Normalise(split.mean, split.std), info

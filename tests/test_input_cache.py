@@ -1,0 +1,182 @@
+"""The input cache (:mod:`bobench.input_cache`): features equal to the ordinary path's, one decode shared by
+backbones that resize alike, which transforms split, a bad image mid-build and the resume after it, and the
+``--input-cache`` flag of the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from bobench import create_backbone, load_dataset
+from bobench.data import DatasetError
+from bobench.features import ExtractOptions, FeatureStore
+from bobench.input_cache import InputStore, Normalise, split_transform
+
+OPTS = ExtractOptions(image_size=48, batch_size=8, num_workers=0, progress=False)
+SIZES = [(40, 60), (64, 50), (30, 30), (77, 41), (52, 52)]  # (H, W): every aspect, up- and down-sized
+
+
+def _folder(root: Path, per_class: int = 5) -> Path:
+    """An imagefolder (train split only) of noise photos of different sizes, two classes."""
+    rng = np.random.default_rng(1)
+    for c, cls in enumerate(("a", "b")):
+        (root / "train" / cls).mkdir(parents=True)
+        for i in range(per_class):
+            h, w = SIZES[i % len(SIZES)]
+            arr = (rng.random((h, w, 3)) * 200 + c * 40).astype(np.uint8)
+            Image.fromarray(arr).save(root / "train" / cls / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("spec", ["random/timm:test_resnet", "random/timm:test_vit"])  # channels_last or not
+def test_features_through_the_input_cache_equal_the_ordinary_path(tmp_path: Path, spec: str) -> None:
+    ds = load_dataset(f"imagefolder:{_folder(tmp_path / 'data')}", split="train")
+    bb = create_backbone(spec)
+    plain = FeatureStore(tmp_path / "plain").get_or_extract(bb, ds, OPTS)
+    cached = FeatureStore(tmp_path / "cached").get_or_extract(
+        bb, ds, ExtractOptions(**{**vars(OPTS), "input_cache": True})
+    )
+    assert plain.key == cached.key  # the same numbers, so the same cache key
+    X, y = plain.load()
+    Xc, yc = cached.load()
+    np.testing.assert_array_equal(Xc, X)
+    np.testing.assert_array_equal(yc, y)
+    assert plain.stats["input_cache"] is None
+    used = cached.stats["input_cache"]
+    assert used["used"] and not used["hit"] and used["shape"] == [48, 48, 3]
+    assert [p.name[:16] for p in (tmp_path / "cached" / "inputs").iterdir() if p.is_dir()] == [used["key"]]
+
+
+def test_backbones_that_resize_alike_share_one_decode(tmp_path: Path) -> None:
+    """A second backbone with the same resize and crop reads the stored images: it works with the image
+    files gone, gives what its ordinary extraction gives; another image size is another entry."""
+    data = _folder(tmp_path / "data")
+    ds = load_dataset(f"imagefolder:{data}", split="train")
+    first = create_backbone("random/timm:test_resnet")
+    second = create_backbone("random/timm:test_resnet", init_seed=1)
+    want = FeatureStore(tmp_path / "plain").get_or_extract(second, ds, OPTS).load()[0]
+    store = FeatureStore(tmp_path / "cache")
+    opts = ExtractOptions(**{**vars(OPTS), "input_cache": True})
+    assert not store.get_or_extract(first, ds, opts).stats["input_cache"]["hit"]
+    for png in data.rglob("*.png"):
+        png.unlink()  # a decode would fail now
+    fs = store.get_or_extract(second, ds, opts)
+    assert fs.stats["input_cache"]["hit"]
+    np.testing.assert_array_equal(fs.load()[0], want)
+    with pytest.raises(DatasetError):  # 56 px: another resize, so another entry, which must decode
+        store.get_or_extract(second, ds, ExtractOptions(**{**vars(opts), "image_size": 56}))
+
+
+def test_normalise_is_torchvisions_to_tensor_and_normalize_bit_for_bit() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(4, 13, 17, 3), dtype=np.uint8)
+    for mean, std in [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,) * 3, (0.5,) * 3)]:
+        reference = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+        want = torch.stack([reference(Image.fromarray(a)) for a in images])
+        got = Normalise(mean, std)(torch.from_numpy(images))
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.equal(got, want)
+        assert got.is_contiguous(memory_format=torch.channels_last)  # a view of the uint8 layout
+    with pytest.raises(ValueError, match="uint8"):
+        Normalise((0.5,) * 3, (0.5,) * 3)(torch.zeros(1, 3, 4, 4))
+
+
+def test_which_transforms_split() -> None:
+    bb = create_backbone("random/timm:test_resnet")
+    split = split_transform(bb.transform(image_size=48))
+    assert not isinstance(split, str)
+    assert [type(op).__name__ for op in split.geometric] == ["Resize", "CenterCrop"]
+    assert split.mean == pytest.approx(bb.card.mean) and split.std == pytest.approx(bb.card.std)
+    norm = T.Normalize((0.5,) * 3, (0.5,) * 3)
+    assert "not a torchvision Compose" in split_transform(lambda im: im)
+    assert "ToTensor and Normalize" in split_transform(T.Compose([T.Resize(8), T.ToTensor()]))
+    lam = T.Compose([T.Resize(8), T.Lambda(lambda im: im), T.ToTensor(), norm])
+    assert "does not know: Lambda" in split_transform(lam)
+    flip = T.Compose([T.RandomHorizontalFlip(), T.ToTensor(), norm])  # random: must never be stored
+    assert "RandomHorizontalFlip" in split_transform(flip)
+
+
+def test_a_transform_that_does_not_split_extracts_the_ordinary_way_and_says_why(tmp_path: Path) -> None:
+    ds = load_dataset(f"imagefolder:{_folder(tmp_path / 'data')}", split="train")
+    bb = create_backbone("random/timm:test_resnet")
+    ordinary = bb.transform(image_size=48)
+    bb.transform = lambda train=False, image_size=None: lambda im: ordinary(im)  # a custom callable
+    fs = FeatureStore(tmp_path / "c").get_or_extract(
+        bb, ds, ExtractOptions(**{**vars(OPTS), "input_cache": True})
+    )
+    assert fs.stats["input_cache"] == {
+        "used": False,
+        "reason": "the transform is a function, not a torchvision Compose",
+    }
+    want = FeatureStore(tmp_path / "plain").get_or_extract(
+        create_backbone("random/timm:test_resnet"), ds, OPTS
+    )
+    np.testing.assert_array_equal(fs.load()[0], want.load()[0])
+
+
+def test_a_bad_image_stops_the_build_naming_it_and_the_fixed_build_resumes(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "data")
+    ds = load_dataset(f"imagefolder:{data}", split="train")
+    geometric = split_transform(create_backbone("random/timm:test_resnet").transform(image_size=48)).geometric
+    n = len(ds)
+    bad = data / ds.item_id(n - 1)  # the last image, in the third shard of 3
+    good = bad.read_bytes()
+    bad.write_bytes(b"not a png")
+    store = InputStore(tmp_path / "inputs")
+    with pytest.raises(DatasetError, match=bad.name.replace(".", r"\.")):
+        store.get_or_build(ds, geometric, workers=0, shard_size=3)
+    (folder,) = [p for p in store.root.iterdir() if p.is_dir()]
+    assert json.loads((folder / "manifest.json").read_text())["shards"] == [0, 1]  # kept
+    bad.write_bytes(good)
+    done = store.get_or_build(ds, geometric, workers=0, shard_size=3)
+    assert done.manifest["resumed_shards"] == 2 and done.manifest["complete"]
+    fresh = InputStore(tmp_path / "fresh").get_or_build(ds, geometric, workers=0, shard_size=3)
+    np.testing.assert_array_equal(done.rows(range(n)), fresh.rows(range(n)))
+    for i in (0, 4, n - 1):  # the stored rows are the resized images
+        image = ds.load_image(i)
+        for op in geometric:
+            image = op(image)
+        np.testing.assert_array_equal(done.rows([i])[0], np.asarray(image))
+
+
+def test_images_of_different_sizes_after_the_transform_are_refused_by_name(tmp_path: Path) -> None:
+    ds = load_dataset(f"imagefolder:{_folder(tmp_path / 'data')}", split="train")
+    with pytest.raises(
+        ValueError,
+        match=r"input cache: image train/a/2\.png is \(40, 40, 3\) after .* the first was \(40, 60, 3\)",
+    ):
+        InputStore(tmp_path / "inputs").get_or_build(ds, [T.Resize(40)], workers=0)
+
+
+def test_the_cli_flag(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "data")
+    args = [
+        "-m",
+        "bobench",
+        "features",
+        "extract",
+        "-b",
+        "random/timm:test_resnet",
+        "-d",
+        f"imagefolder:{data}",
+    ]
+    args += ["--split", "train", "--image-size", "48", "--workers", "0", "--device", "cpu", "--json"]
+    env = {**os.environ, "BOBENCH_CACHE": str(tmp_path / "cache")}
+    first = subprocess.run([sys.executable, *args, "--input-cache"], capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr
+    (row,) = json.loads(first.stdout)
+    assert not row["cache_hit"]
+    manifest = json.loads((Path(row["path"]) / "manifest.json").read_text())
+    assert manifest["stats"]["input_cache"]["used"] is True
+    assert any((tmp_path / "cache" / "features" / "inputs").iterdir())
+    typo = subprocess.run([sys.executable, *args, "--input-cahce"], capture_output=True, text=True, env=env)
+    assert typo.returncode == 2 and "--input-cahce" in typo.stderr
