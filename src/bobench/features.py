@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from filelock import FileLock
 
+from bobench.files import atomic_save_npy, atomic_write_bytes, config_sha
 from bobench.options import RunOptions
 
 if TYPE_CHECKING:
@@ -151,27 +151,6 @@ class FeatureSet:
             else np.zeros((0, self.dim))
         )
         return feats.astype(np.float32, copy=False), self.labels
-
-
-def config_sha(obj: Any) -> str:
-    """sha256 of ``obj``'s canonical JSON (sorted keys, no spaces): a cache key of plain data."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling, synced, then renamed (never half written)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -328,8 +307,8 @@ class FeatureStore:
             backbone, ds, indices, todo, size, n, options, placement, prepare
         ):
             name = f"shard-{index:05d}"
-            _atomic_save_npy(folder / f"{name}.npy", feats)
-            _atomic_save_npy(folder / f"{name}.labels.npy", labels)
+            atomic_save_npy(folder / f"{name}.npy", feats)
+            atomic_save_npy(folder / f"{name}.labels.npy", labels)
             manifest["shards"].append(
                 {"index": index, "file": f"{name}.npy", "labels": f"{name}.labels.npy", "n": len(labels)}
             )

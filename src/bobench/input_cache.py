@@ -39,6 +39,8 @@ import torch
 from filelock import FileLock
 from torch.utils.data import Dataset
 
+from bobench.files import atomic_save_npy, atomic_write_bytes, config_sha
+
 FORMAT_VERSION = 1  # bump when the layout or the meaning of a key component changes
 SHARD_SIZE = 512  # images per shard file (77 MB at 224 px): the unit of resumption
 #: resize / crop ops whose output depends only on the image and their public settings (no random draws)
@@ -215,8 +217,6 @@ class InputStore:
         shard_size: int = SHARD_SIZE,
     ) -> InputSet:  # fmt: skip
         """The stored inputs of ``dataset`` under ``geometric``, decoding (or resuming) what is missing."""
-        from bobench.features import atomic_write_bytes, config_sha
-
         fields = self.key_fields(dataset, geometric)
         key = config_sha(fields)
         folder = self.root / key
@@ -235,7 +235,7 @@ class InputStore:
             for s, rows in _decode(dataset, geometric, todo, size, workers, progress):
                 if "shape" not in manifest:
                     manifest["shape"] = list(rows.shape[1:])
-                _atomic_npy(folder / f"shard-{s:05d}.npy", rows)
+                atomic_save_npy(folder / f"shard-{s:05d}.npy", rows)
                 manifest["shards"] = sorted({*manifest["shards"], s})
                 atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
             manifest.setdefault("shape", [0, 0, 3])
@@ -249,12 +249,6 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
         return json.loads((folder / "manifest.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-def _atomic_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, arr)
-    tmp.replace(path)
 
 
 def _decode(dataset: Any, geometric: Sequence[Any], todo: list[int], size: int, workers: int, progress: bool):

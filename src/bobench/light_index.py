@@ -47,7 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bobench.features import ExtractOptions, FeatureSet, FeatureStore, atomic_write_bytes, config_sha
+from bobench.features import ExtractOptions, FeatureSet, FeatureStore
+from bobench.files import atomic_write_bytes, config_sha
 from bobench.light_inputs import backbone_inputs, dataset_hash, environment, placement
 
 __all__ = ["INDEX_DIR", "LIGHT_FORMAT", "LightHit", "LightIndex", "LightRecorder", "LightRequest"]
@@ -114,7 +115,7 @@ class LightIndex:
     def fields(
         env: dict, inputs: dict, image_size: int | None, dataset: str, place: tuple[str, str]
     ) -> dict[str, Any]:
-        """The light key's fields (their :func:`~bobench.features.config_sha` is the light key)."""
+        """The light key's fields (their :func:`~bobench.files.config_sha` is the light key)."""
         return {
             "format": LIGHT_FORMAT,
             "environment": config_sha(env),

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bobench.backbones.files import package_path, sha256_file
-from bobench.features import atomic_write_bytes
+from bobench.files import atomic_write_bytes
 
 __all__ = [
     "LIGHT_SOURCES",

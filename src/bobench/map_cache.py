@@ -53,13 +53,8 @@ import torch
 from filelock import FileLock
 
 from bobench.device import Placement, peak_memory_mb, resolve_placement
-from bobench.features import (
-    atomic_write_bytes,
-    config_sha,
-    extraction_loader,
-    extraction_memory_format,
-    is_oom,
-)
+from bobench.features import extraction_loader, extraction_memory_format, is_oom
+from bobench.files import atomic_write_bytes, config_sha
 from bobench.map_set import (
     DTYPES,
     FORMAT_VERSION,
