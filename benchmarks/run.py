@@ -1,5 +1,5 @@
 """``make bench``: run every benchmark in turn (P1 extraction, P2 linear, P3 amortisation, P4 kNN, P6 reuse, P7 training,
-P8 detection, P9 segmentation, P10 cache hit; P5 needs a GPU).
+P8 detection, P9 segmentation, P10 cache hit, P11 input cache; P5 needs a GPU).
 
 Each writes ``benchmarks/results/<name>.json``; BENCHMARKS.md quotes them. Pass ``--quick`` for a
 smoke run. Run on an otherwise idle machine: the numbers are ratios measured side by side, but a
@@ -21,6 +21,7 @@ BENCHES = [
     "bench_detection",
     "bench_segmentation",
     "bench_cache_hit",
+    "bench_input_cache",
 ]
 
 

@@ -308,7 +308,8 @@ def cached_inputs(
         return dataset, None, {"used": False, "reason": split}
     from bobench.distributed import default_workers
 
-    workers = options.num_workers if options.num_workers is not None else default_workers()
+    # the build only decodes, the main process waits: it gets the main process's core as well
+    workers = options.num_workers if options.num_workers is not None else default_workers() + 1
     inputs = InputStore(root).get_or_build(dataset, split.geometric, workers, options.progress)
     info = {"used": True, "key": inputs.key[:16], "hit": inputs.cache_hit, "shape": list(inputs.shape)}
     if not inputs.cache_hit:
