@@ -25,15 +25,17 @@ OPTS = ExtractOptions(image_size=48, batch_size=8, num_workers=0, progress=False
 SIZES = [(40, 60), (64, 50), (30, 30), (77, 41), (52, 52)]  # (H, W): every aspect, up- and down-sized
 
 
-def _folder(root: Path, per_class: int = 5) -> Path:
-    """An imagefolder (train split only) of noise photos of different sizes, two classes."""
+def _folder(root: Path, per_class: int = 5, split: str | None = "train") -> Path:
+    """An imagefolder of noise photos of different sizes, two classes: a train split folder only, or (with
+    ``split=None``) class folders at the root, which the reader splits by fractions."""
     rng = np.random.default_rng(1)
     for c, cls in enumerate(("a", "b")):
-        (root / "train" / cls).mkdir(parents=True)
+        folder = root / split / cls if split else root / cls
+        folder.mkdir(parents=True)
         for i in range(per_class):
             h, w = SIZES[i % len(SIZES)]
             arr = (rng.random((h, w, 3)) * 200 + c * 40).astype(np.uint8)
-            Image.fromarray(arr).save(root / "train" / cls / f"{i}.png")
+            Image.fromarray(arr).save(folder / f"{i}.png")
     return root
 
 
@@ -180,3 +182,31 @@ def test_the_cli_flag(tmp_path: Path) -> None:
     assert any((tmp_path / "cache" / "features" / "inputs").iterdir())
     typo = subprocess.run([sys.executable, *args, "--input-cahce"], capture_output=True, text=True, env=env)
     assert typo.returncode == 2 and "--input-cahce" in typo.stderr
+
+
+def test_a_battle_records_the_input_cache_and_a_bad_image_fails_only_its_cell(tmp_path: Path) -> None:
+    from bobench.options import RunOptions
+    from bobench.runner import run_battle
+    from bobench.store import ResultStore
+
+    good, bad = _folder(tmp_path / "good", 10, None), _folder(tmp_path / "bad", 10, None)
+    victim = sorted(bad.rglob("*.png"))[0]
+    victim.write_bytes(b"not a png")
+    tasks = []
+    for name, root in (("good", good), ("bad", bad)):
+        body = {"version": 1, "dataset": f"imagefolder:{root}", "protocol": "knn", "image_size": 48,
+                "params": {"ks": [1]}, "primary": "top1"}  # fmt: skip
+        tasks.append(tmp_path / f"{name}.yaml")
+        tasks[-1].write_text(json.dumps(body))
+    opts = RunOptions(device="cpu", num_workers=0, progress=False, input_cache=True)
+    with ResultStore(tmp_path / "r.db") as store:
+        s = run_battle(
+            ["random/timm:test_resnet"], tasks, store=store, cache_dir=tmp_path / "c", options=opts
+        )
+    assert (s.done, s.failed) == (1, 1), [f.error for f in s.failures]
+    assert f"cannot read image {victim}" in s.failures[0].error  # named, with the fix
+    with ResultStore(tmp_path / "r.db", readonly=True) as store:
+        rows = store.results(status=None)
+    ok = rows[rows["status"] == "ok"].iloc[0]
+    info = json.loads(ok["config_json"])["info"]
+    assert {v["used"] for v in info["input_cache"].values()} == {True}

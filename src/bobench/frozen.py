@@ -134,6 +134,10 @@ def run_frozen(
         fresh = [f for f in all_feats if f is not None and not f.cache_hit]
         n_fresh = sum(f.stats["n_extracted"] for f in fresh)
         img_per_s = n_fresh / sum(f.stats["wall_time_s"] for f in fresh) if n_fresh else None
+        # where this cell's extractions read their images (img_per_s depends on it, the features do not)
+        read_from = {
+            s: f.stats.get("input_cache") for s, f in feats.items() if f is not None and not f.cache_hit
+        }
         data = ProbeData(
             train=feats.get("train", feats["test"]),
             test=feats["test"],
@@ -170,6 +174,8 @@ def run_frozen(
                 continue
             protocol_s = time.perf_counter() - t2
             info = {**result.info, "build_s": build_s, "extract_s": extract_s, "protocol_s": protocol_s}
+            if any(read_from.values()):
+                info["input_cache"] = read_from
             wall, charge = charge + protocol_s, 0.0
             yield CellOutcome(
                 pc,
