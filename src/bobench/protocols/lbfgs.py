@@ -29,26 +29,34 @@ class LBFGS:
         self.wmask, self.lam = wmask, None
         self.S: list[torch.Tensor] = []
         self.Y: list[torch.Tensor] = []
+        self.SY: list[float] = []  # s @ y of each pair, computed once (the recursion reads it twice per step)
+
+    def _keep(self, S: list[torch.Tensor], Y: list[torch.Tensor], SY: list[float]) -> None:
+        self.S, self.Y, self.SY = S[-HISTORY:], Y[-HISTORY:], SY[-HISTORY:]
 
     def set_lam(self, lam: float) -> None:
         if self.lam is not None:
             for s, y in zip(self.S, self.Y, strict=True):
                 y.add_(s * self.wmask, alpha=lam - self.lam)
-            keep = [float(s @ y) > 0 for s, y in zip(self.S, self.Y, strict=True)]
-            self.S = [s for s, k in zip(self.S, keep, strict=True) if k]
-            self.Y = [y for y, k in zip(self.Y, keep, strict=True) if k]
+            SY = [float(s @ y) for s, y in zip(self.S, self.Y, strict=True)]
+            keep = [sy > 0 for sy in SY]
+            self._keep(
+                [s for s, k in zip(self.S, keep, strict=True) if k],
+                [y for y, k in zip(self.Y, keep, strict=True) if k],
+                [sy for sy, k in zip(SY, keep, strict=True) if k],
+            )
         self.lam = lam
 
     def direction(self, g: torch.Tensor) -> torch.Tensor:
         if not self.S:
             return -g / max(float(g.abs().sum()), 1.0)  # no curvature yet: a short steepest-descent step
         q, alphas = -g, []
-        for s, y in zip(reversed(self.S), reversed(self.Y), strict=True):
-            alphas.append(float(s @ q) / float(s @ y))
+        for s, y, sy in zip(reversed(self.S), reversed(self.Y), reversed(self.SY), strict=True):
+            alphas.append(float(s @ q) / sy)
             q = q - alphas[-1] * y
-        d = q * (float(self.S[-1] @ self.Y[-1]) / float(self.Y[-1] @ self.Y[-1]))
-        for s, y, a in zip(self.S, self.Y, reversed(alphas), strict=True):
-            d = d + (a - float(y @ d) / float(s @ y)) * s
+        d = q * (self.SY[-1] / float(self.Y[-1] @ self.Y[-1]))
+        for s, y, sy, a in zip(self.S, self.Y, self.SY, reversed(alphas), strict=True):
+            d = d + (a - float(y @ d) / sy) * s
         return d
 
     def minimise(self, fg: Callable, x: torch.Tensor, f: float, g: torch.Tensor, tol: float, max_iter: int):
@@ -61,10 +69,12 @@ class LBFGS:
                 return x, f, g, n_iter, True
             newton = bool(self.S)  # a steepest-descent step is short by design: its decrease proves nothing
             d = self.direction(g)
-            if float(g @ d) >= 0:  # not a descent direction (rounding): restart from steepest descent
-                self.S, self.Y, newton = [], [], False
-                d = self.direction(g)
             gtd, t = float(g @ d), 1.0
+            if gtd >= 0:  # not a descent direction (rounding): restart from steepest descent
+                self._keep([], [], [])
+                newton = False
+                d = self.direction(g)
+                gtd = float(g @ d)
             for _ in range(30):
                 f_new, g_new = fg(x + t * d)
                 if f_new <= f + 1e-4 * t * gtd:
@@ -74,8 +84,9 @@ class LBFGS:
             else:
                 return x, f, g, n_iter, True  # no decrease left that float arithmetic can see
             s, y = t * d, g_new - g
-            if float(s @ y) > 0:
-                self.S, self.Y = [*self.S, s][-HISTORY:], [*self.Y, y][-HISTORY:]
+            sy = float(s @ y)
+            if sy > 0:
+                self._keep([*self.S, s], [*self.Y, y], [*self.SY, sy])
             x, g, f_old, f = x + s, g_new, f, f_new
             if newton and f_old - f <= tol * abs(f):
                 return x, f, g, n_iter + 1, True

@@ -167,41 +167,59 @@ class StandardisedSplit:
 
 @contextmanager
 def _cpu_threads(device: torch.device, n: int) -> Iterator[None]:
-    """Run torch CPU ops with ``n`` threads inside the block (no-op on other devices)."""
+    """Run torch CPU ops with ``n`` threads inside the block (no-op on other devices, or when already so)."""
     old = torch.get_num_threads()
-    if device.type == "cpu":
+    change = device.type == "cpu" and old != n
+    if change:
         torch.set_num_threads(n)
     try:
         yield
     finally:
-        if device.type == "cpu":
+        if change:
             torch.set_num_threads(old)
 
 
-def _loss_grad(split: StandardisedSplit, rows, position, theta: torch.Tensor, lam: float, n: float):
+def _prepared(split: StandardisedSplit, rows, position) -> Iterator[tuple]:
+    """``(z, y, t, minus_one)`` per chunk: ``t`` each row's column ``[B, 1]`` and a ``[B, 1]`` tensor of -1
+    (what the softmax gradient scatters), or None twice for multi-label (``position`` None)."""
+    for z, y in split.chunks(rows):
+        if position is None:
+            yield z, y, None, None
+        else:
+            t = position[y][:, None]
+            yield z, y, t, torch.full(t.shape, -1.0, dtype=torch.float64, device=t.device)
+
+
+def _loss_grad(
+    split: StandardisedSplit, rows, position, theta: torch.Tensor, lam: float, n: float, prepared=None
+):
     """``(objective, gradient [K, D + 1])`` at ``theta = [W | b]`` (float64), summed over chunks;
-    ``position`` None: multi-label (a binary cross-entropy per column)."""
+    ``position`` None: multi-label (a binary cross-entropy per column). ``prepared``: the chunks of
+    :func:`_prepared`, made once per path when they are views of a cached split (the same sums)."""
     D = theta.shape[1] - 1
     W32, b32 = theta[:, :D].float(), theta[:, D].float()
-    loss = torch.zeros((), dtype=torch.float64, device=theta.device)
-    gWt = torch.zeros((D, len(theta)), dtype=torch.float64, device=theta.device)
-    gb = torch.zeros(len(theta), dtype=torch.float64, device=theta.device)
-    for z, y in split.chunks(rows):
+    # sums start from the first chunk's terms (0 + x is x: the same numbers without three zero tensors)
+    loss = gWt = gb = None
+    for z, y, t, minus_one in prepared if prepared is not None else _prepared(split, rows, position):
         # Matmuls (D-long dot products) in float32; the softmax on [B, K] logits in float64 costs K/D of
         # them and keeps small residuals and the loss exact enough for a tight line search.
         s = torch.addmm(b32, z, W32.t()).double()
         if position is None:  # multi-label: softplus(s) - y s is the BCE of sigmoid(s), its gradient p - y
-            loss += (torch.nn.functional.softplus(s) - y * s).sum()
+            part = (torch.nn.functional.softplus(s) - y * s).sum()
             residual = torch.sigmoid(s) - y
         else:
-            t = position[y][:, None]
             logp = torch.log_softmax(s, dim=1)
-            loss -= logp.gather(1, t).sum()
-            residual = logp.exp_().scatter_add_(
-                1, t, torch.full(t.shape, -1.0, dtype=torch.float64, device=t.device)
-            )
-        gWt += z.t() @ residual.float()  # float32 product ([D, K] is faster than [K, D]), float64 sums
-        gb += residual.sum(dim=0)
+            part = logp.gather(1, t).sum().neg_()
+            residual = logp.exp_().scatter_add_(1, t, minus_one)
+        gw = z.t() @ residual.float()  # float32 product ([D, K] is faster than [K, D]), float64 sums
+        if loss is None:
+            loss, gWt, gb = part, gw.double(), residual.sum(dim=0)
+        else:
+            loss, gWt, gb = loss + part, gWt.add_(gw), gb.add_(residual.sum(dim=0))
+    if loss is None:  # no rows
+        loss = torch.zeros((), dtype=torch.float64, device=theta.device)
+        gWt = torch.zeros((D, len(theta)), dtype=torch.float64, device=theta.device)
+        gb = torch.zeros(len(theta), dtype=torch.float64, device=theta.device)
     W = theta[:, :D]
     grad = torch.cat([gWt.t() / n + lam * W, gb[:, None] / n], dim=1)
     return float(loss / n + lam * (W * W).sum() / 2), grad
@@ -249,13 +267,15 @@ def fit_split(
     # Threads pay only for big matmuls: on vectors of K (D + 1) numbers and small chunks, workers that
     # meet at a barrier per operation cost more than they save (badly so on shared cores).
     threads = torch.get_num_threads() if n * D * K >= _PARALLEL_WORK else 1
+    # a cached split without a row mask: its chunks are views, prepared once for the whole path
+    prepared = list(_prepared(split, None, position)) if split.cached is not None and rows is None else None
     models, class_ids, x, f, g = [], classes.cpu().numpy(), theta.ravel(), None, None
     for C in Cs:
         lam = 1.0 / (C * n)
 
         def fg(v: torch.Tensor, lam: float = lam) -> tuple[float, torch.Tensor]:
             with _cpu_threads(device, threads):
-                f, g = _loss_grad(split, rows, position, v.view(K, D + 1), lam, n)
+                f, g = _loss_grad(split, rows, position, v.view(K, D + 1), lam, n, prepared)
             return f, g.ravel()
 
         with _cpu_threads(device, 1):
