@@ -100,6 +100,18 @@ def test_batch_size_does_not_change_results(blobs: ProbeData) -> None:
     )
 
 
+def test_a_cached_split_and_the_same_chunks_streamed_walk_the_same_path(blobs: ProbeData) -> None:
+    """The cached split's chunks, prepared once per path, and the streamed ones, made at every evaluation
+    with the same boundaries, give the same sums: the same iterates, bit for bit."""
+    kw = {"batch_size": 64, "max_iter": 200, "tol": 1e-8}
+    cached = linear.fit_path(blobs.train, [1e-2, 1.0], N_CLASSES, memory_budget_gb=1.0, **kw)
+    streamed = linear.fit_path(blobs.train, [1e-2, 1.0], N_CLASSES, memory_budget_gb=1e-9, **kw)
+    for a, b in zip(cached, streamed, strict=True):
+        assert a.n_iter == b.n_iter > 0
+        np.testing.assert_array_equal(a.weight, b.weight)
+        np.testing.assert_array_equal(a.bias, b.bias)
+
+
 def test_streaming_matches_in_memory(blobs: ProbeData) -> None:
     sharded = ProbeData(
         ArrayFeatures(blobs.train.X, blobs.train.y, shard_size=97),
