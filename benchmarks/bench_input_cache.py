@@ -37,28 +37,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.bench_train import cpu_seconds
-from benchmarks.common import measure_quiet, save
+from benchmarks.common import measure_quiet, patches13_jpegs, save
 from bobench import create_backbone, load_dataset
 from bobench.features import ExtractOptions, FeatureStore
 
 POINTS = [("mobilenetv2_100.tv_in1k", None), ("mobilenetv2_100.tv_in1k", 96)]  # 224 px (card), 96 px
 SIDES = ("bare", "ordinary", "first", "reuse")
-
-
-def photo_folder(root: Path, copies: int, size: tuple[int, int] = (500, 375)) -> Path:
-    """patches13 (all splits) upscaled to ``size`` (W, H) as JPEG class folders, ``copies`` times each."""
-    from PIL import Image
-
-    for split in ("train", "val", "test"):
-        ds = load_dataset("patches13", split=split)
-        for i in range(len(ds)):
-            img, label = ds[i]
-            folder = root / ds.classes[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            big = img.resize(size, Image.Resampling.BICUBIC)
-            for c in range(copies):
-                big.save(folder / f"{split}{i:04d}_{c}.jpg", quality=90)
-    return root
 
 
 def bare_loop(bb: Any, ds: Any, opts: ExtractOptions, image_size: int | None) -> None:
@@ -166,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.rounds = 1
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-photos-") as tmp:
-        data = photo_folder(Path(tmp) / "photos", args.copies)
+        data = patches13_jpegs(Path(tmp) / "photos", args.copies, (500, 375))
         print(f"wrote the photos in {time.perf_counter() - t0:.1f} s")
         results = [bench_point(m, size, data, args) for m, size in points]
     payload = {"benchmark": "P11 input cache", "config": vars(args), "points": results,

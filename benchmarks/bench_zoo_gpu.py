@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.common import best_of, save
+from benchmarks.common import best_of, patches13_jpegs, save
 from bobench import create_backbone, load_dataset
 from bobench.features import ExtractOptions, FeatureStore
 
@@ -33,19 +33,6 @@ MODELS = [
     "modern/dinov2-vit-b14",
     "bob/vit-l16-in21k-ft1k",
 ]
-
-
-def image_folder(root: Path, copies: int) -> Path:
-    """patches13 (all splits) as JPEG class folders, each crop written ``copies`` times."""
-    for split in ("train", "val", "test"):
-        ds = load_dataset("patches13", split=split)
-        for i in range(len(ds)):
-            img, label = ds[i]
-            folder = root / ds.classes[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            for c in range(copies):
-                img.save(folder / f"{split}{i:04d}_{c}.jpg", quality=90)
-    return root
 
 
 def bare_loop(bb, ds, batch_size: int, workers: int, device: torch.device) -> int:
@@ -89,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda")
     models = args.models.split(",")[: 2 if args.quick else None]
     copies, repeats = (1, 1) if args.quick else (args.copies, 2)
-    root = image_folder(Path(tempfile.mkdtemp(prefix="bench-zoo-gpu-")), copies)
+    root = patches13_jpegs(Path(tempfile.mkdtemp(prefix="bench-zoo-gpu-")), copies)
     rows = []
     print("| backbone | params | bare img/s | bobench img/s | ratio | model-only img/s |", flush=True)
     for name in models:

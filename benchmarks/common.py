@@ -85,3 +85,23 @@ def extract_patches13(backbone: str, image_size: int | None, prefix: str):
         for s in ("train", "val", "test")
     }
     return bb, store, opts, feats, time.perf_counter() - t0
+
+
+def patches13_jpegs(root: Path, copies: int, size: tuple[int, int] | None = None) -> Path:
+    """patches13 (all splits) as JPEG class folders (quality 90), each crop written ``copies`` times,
+    resized (bicubic) to ``size`` ``(W, H)`` first when given (e.g. a photo's 500 x 375)."""
+    from PIL import Image
+
+    from bobench import load_dataset
+
+    for split in ("train", "val", "test"):
+        ds = load_dataset("patches13", split=split)
+        for i in range(len(ds)):
+            img, label = ds[i]
+            folder = root / ds.classes[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            if size is not None:
+                img = img.resize(size, Image.Resampling.BICUBIC)
+            for c in range(copies):
+                img.save(folder / f"{split}{i:04d}_{c}.jpg", quality=90)
+    return root

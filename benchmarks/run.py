@@ -1,5 +1,5 @@
 """``make bench``: run every benchmark in turn (P1 extraction, P2 linear, P3 amortisation, P4 kNN, P6 reuse, P7 training,
-P8 detection, P9 segmentation, P10 cache hit, P11 input cache; P5 needs a GPU).
+P8 detection, P9 segmentation, P10 cache hit, P11 input cache, P12 CPU bf16; P5 needs a GPU).
 
 Each writes ``benchmarks/results/<name>.json``; BENCHMARKS.md quotes them. Pass ``--quick`` for a
 smoke run. Run on an otherwise idle machine: the numbers are ratios measured side by side, but a
@@ -22,6 +22,7 @@ BENCHES = [
     "bench_segmentation",
     "bench_cache_hit",
     "bench_input_cache",
+    "bench_bf16_cpu",
 ]
 
 
