@@ -4,6 +4,7 @@ backbones that resize alike, which transforms split, a bad image mid-build and t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from bobench.features import ExtractOptions, FeatureStore
 from bobench.input_cache import InputStore, Normalise, split_transform
 
 OPTS = ExtractOptions(image_size=48, batch_size=8, num_workers=0, progress=False)
+CACHED = dataclasses.replace(OPTS, input_cache=True)
 SIZES = [(40, 60), (64, 50), (30, 30), (77, 41), (52, 52)]  # (H, W): every aspect, up- and down-sized
 
 
@@ -44,9 +46,7 @@ def test_features_through_the_input_cache_equal_the_ordinary_path(tmp_path: Path
     ds = load_dataset(f"imagefolder:{_folder(tmp_path / 'data')}", split="train")
     bb = create_backbone(spec)
     plain = FeatureStore(tmp_path / "plain").get_or_extract(bb, ds, OPTS)
-    cached = FeatureStore(tmp_path / "cached").get_or_extract(
-        bb, ds, ExtractOptions(**{**vars(OPTS), "input_cache": True})
-    )
+    cached = FeatureStore(tmp_path / "cached").get_or_extract(bb, ds, CACHED)
     assert plain.key == cached.key  # the same numbers, so the same cache key
     X, y = plain.load()
     Xc, yc = cached.load()
@@ -67,7 +67,7 @@ def test_backbones_that_resize_alike_share_one_decode(tmp_path: Path) -> None:
     second = create_backbone("random/timm:test_resnet", init_seed=1)
     want = FeatureStore(tmp_path / "plain").get_or_extract(second, ds, OPTS).load()[0]
     store = FeatureStore(tmp_path / "cache")
-    opts = ExtractOptions(**{**vars(OPTS), "input_cache": True})
+    opts = CACHED
     assert not store.get_or_extract(first, ds, opts).stats["input_cache"]["hit"]
     for png in data.rglob("*.png"):
         png.unlink()  # a decode would fail now
@@ -75,7 +75,7 @@ def test_backbones_that_resize_alike_share_one_decode(tmp_path: Path) -> None:
     assert fs.stats["input_cache"]["hit"]
     np.testing.assert_array_equal(fs.load()[0], want)
     with pytest.raises(DatasetError):  # 56 px: another resize, so another entry, which must decode
-        store.get_or_extract(second, ds, ExtractOptions(**{**vars(opts), "image_size": 56}))
+        store.get_or_extract(second, ds, dataclasses.replace(opts, image_size=56))
 
 
 def test_normalise_is_torchvisions_to_tensor_and_normalize_bit_for_bit() -> None:
@@ -112,9 +112,7 @@ def test_a_transform_that_does_not_split_extracts_the_ordinary_way_and_says_why(
     bb = create_backbone("random/timm:test_resnet")
     ordinary = bb.transform(image_size=48)
     bb.transform = lambda train=False, image_size=None: lambda im: ordinary(im)  # a custom callable
-    fs = FeatureStore(tmp_path / "c").get_or_extract(
-        bb, ds, ExtractOptions(**{**vars(OPTS), "input_cache": True})
-    )
+    fs = FeatureStore(tmp_path / "c").get_or_extract(bb, ds, CACHED)
     assert fs.stats["input_cache"] == {
         "used": False,
         "reason": "the transform is a function, not a torchvision Compose",

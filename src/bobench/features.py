@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -36,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from filelock import FileLock
 
-from bobench.files import atomic_save_npy, atomic_write_bytes, config_sha
+from bobench.files import atomic_save_npy, config_sha, read_manifest, write_manifest
+from bobench.files import atomic_write_bytes as atomic_write_bytes  # re-exported: its old home
 from bobench.options import RunOptions
 
 if TYPE_CHECKING:
@@ -226,17 +226,10 @@ class FeatureStore:
 
     def get(self, key: str) -> FeatureSet | None:
         """A complete feature set for ``key``, or None."""
-        manifest = self._read_manifest(self.root / key)
+        manifest = read_manifest(self.root / key)
         if manifest is None or not manifest.get("complete"):
             return None
         return FeatureSet(key, self.root / key, manifest, cache_hit=True)
-
-    @staticmethod
-    def _read_manifest(path: Path) -> dict | None:
-        try:
-            return json.loads((path / "manifest.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
 
     # -- extraction -----------------------------------------------------------------------------
     def get_or_extract(
@@ -272,7 +265,7 @@ class FeatureStore:
         folder.mkdir(exist_ok=True)
         n, size = len(dataset), options.shard_size
         n_shards = max(1, -(-n // size))
-        manifest = self._read_manifest(folder) or {
+        manifest = read_manifest(folder) or {
             "key": key,
             "key_fields": fields,
             "n": n,
@@ -313,7 +306,7 @@ class FeatureStore:
                 {"index": index, "file": f"{name}.npy", "labels": f"{name}.labels.npy", "n": len(labels)}
             )
             manifest["shards"].sort(key=lambda s: s["index"])
-            atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+            write_manifest(folder, manifest)
         wall = time.perf_counter() - t0
         manifest["complete"] = True
         manifest["stats"] = {
@@ -328,7 +321,7 @@ class FeatureStore:
             "input_cache": inputs,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+        write_manifest(folder, manifest)
         return FeatureSet(key, folder, manifest, cache_hit=not indices)
 
     @staticmethod

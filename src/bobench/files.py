@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_save_npy", "atomic_write_bytes", "config_sha"]
+__all__ = ["atomic_save_npy", "atomic_write_bytes", "config_sha", "read_manifest", "write_manifest"]
 
 
 def config_sha(obj: Any) -> str:
@@ -26,6 +26,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """``folder/manifest.json`` as a dict, or None when it is missing or not (yet) valid JSON."""
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest`` to ``folder/manifest.json`` atomically (indented JSON): the pair of
+    :func:`read_manifest`."""
+    atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
 
 
 def atomic_save_npy(path: Path, arr: np.ndarray) -> None:

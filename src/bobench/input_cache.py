@@ -27,7 +27,6 @@ an op not in :data:`GEOMETRIC_OPS`) is extracted the ordinary way; :func:`cached
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ import torch
 from filelock import FileLock
 from torch.utils.data import Dataset
 
-from bobench.files import atomic_save_npy, atomic_write_bytes, config_sha
+from bobench.files import atomic_save_npy, config_sha, read_manifest, write_manifest
 
 FORMAT_VERSION = 1  # bump when the layout or the meaning of a key component changes
 SHARD_SIZE = 512  # images per shard file (77 MB at 224 px): the unit of resumption
@@ -221,7 +220,7 @@ class InputStore:
         key = config_sha(fields)
         folder = self.root / key
         with FileLock(str(self.root / f"{key}.lock")):
-            manifest = _read_manifest(folder)
+            manifest = read_manifest(folder)
             if manifest is not None and manifest.get("complete"):
                 return InputSet(key, folder, manifest, cache_hit=True)
             folder.mkdir(exist_ok=True)
@@ -237,18 +236,11 @@ class InputStore:
                     manifest["shape"] = list(rows.shape[1:])
                 atomic_save_npy(folder / f"shard-{s:05d}.npy", rows)
                 manifest["shards"] = sorted({*manifest["shards"], s})
-                atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+                write_manifest(folder, manifest)
             manifest.setdefault("shape", [0, 0, 3])
             manifest.update(complete=True, build_s=time.perf_counter() - t0, resumed_shards=len(done))
-            atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+            write_manifest(folder, manifest)
             return InputSet(key, folder, manifest, cache_hit=not todo)
-
-
-def _read_manifest(folder: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((folder / "manifest.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def _decode(dataset: Any, geometric: Sequence[Any], todo: list[int], size: int, workers: int, progress: bool):

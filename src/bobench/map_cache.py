@@ -54,7 +54,7 @@ from filelock import FileLock
 
 from bobench.device import Placement, peak_memory_mb, resolve_placement
 from bobench.features import extraction_loader, extraction_memory_format, is_oom
-from bobench.files import atomic_write_bytes, config_sha
+from bobench.files import config_sha, write_manifest
 from bobench.map_set import (
     DTYPES,
     FORMAT_VERSION,
@@ -343,7 +343,7 @@ class MapStore:
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
         }
-        atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+        write_manifest(folder, manifest)
         return MapSet(key, folder, manifest, cache_hit=False)
 
     @staticmethod
