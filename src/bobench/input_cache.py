@@ -98,15 +98,24 @@ class Normalise(torch.nn.Module):
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.mean, self.std = tuple(mean), tuple(std)
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(255, mean, std)`` as float32 tensors on ``device``, made once per device (a copy to a GPU
+        for every batch would make the host wait for it). Tensors, not Python scalars: CUDA turns a
+        scalar divisor into a multiplication by its reciprocal, which rounds differently."""
+        if device not in self._constants:
+            self._constants[device] = (
+                torch.tensor(255.0, dtype=torch.float32, device=device),
+                torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+                torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+            )
+        return self._constants[device]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected uint8 [B, H, W, 3], got {x.dtype} {tuple(x.shape)}")
-        dev = x.device
-        # tensors on the batch's device, not Python scalars: CUDA turns a scalar divisor into a reciprocal
-        scale = torch.tensor(255.0, dtype=torch.float32, device=dev)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+        scale, mean, std = self.constants(x.device)
         return x.permute(0, 3, 1, 2).to(torch.float32).div(scale).sub_(mean).div_(std)
 
 
