@@ -34,7 +34,8 @@ Contract (``execute(groups, *, address=None, max_retries=1, num_cpus=None, num_g
   ``failed`` outcome naming the Ray error and the number of attempts. A cell that came back is never
   run again nor yielded twice. Ray's own task retries are off, so retries are counted here alone.
 * **Interruption.** When the consumer stops early (``KeyboardInterrupt`` in the driver, an exception,
-  or the generator being closed), every outstanding task is cancelled with ``ray.cancel(force=True)``,
+  or the generator being closed), every task still owing cells is cancelled with ``ray.cancel(force=True)``
+  (one whose cells all came back is left to return),
   Ray is shut down if this function started it, and the exception propagates; the store then holds
   only completed cells, and a rerun resumes from them.
 
@@ -236,7 +237,12 @@ def _execute(
                     yield out
     finally:
         # reached with tasks outstanding only when the consumer stopped early (Ctrl-C, an error, close)
-        for gen in active:
+        for gen, attempt in active.items():
+            if not attempt.remaining:
+                # every cell came back: the task is only returning. Force-cancelling a task as its reply
+                # arrives aborts the driver in Ray 2.60 (task_manager.cc "Tried to complete task that was
+                # not pending"), which took a whole test session down with it; it ends on its own.
+                continue
             # a task that already finished, or whose worker is already gone, has nothing left to stop
             with contextlib.suppress(Exception):
                 ray.cancel(gen, force=True)
