@@ -69,6 +69,32 @@ def test_probabilities_match_sklearn_at_fixed_C(blobs: ProbeData, C: float) -> N
     assert np.abs(probs - ref.predict_proba(zte)).max() < 1e-3
 
 
+@pytest.mark.parametrize("C", [1e-2, 1.0])
+def test_fewer_rows_than_dims_are_solved_in_their_span_as_sklearn_solves_them(C: float) -> None:
+    """40 rows of 200 dims (a few-shot subset): the path runs on the rows' QR factor and maps back."""
+    (x, y), (xt, yt) = _blobs(40, 5, d=200), _blobs(100, 6, d=200)
+    data = ProbeData(ArrayFeatures(x, y), ArrayFeatures(xt, yt), None, N_CLASSES)
+    model = linear.fit_path(data.train, [C], N_CLASSES, **TIGHT)[0]
+    assert model.weight.shape == (N_CLASSES, 200) and model.converged
+    ztr, zte = _standardised(data)
+    ref = _sklearn(ztr, y, C)
+    assert np.abs(linear.predict_proba(model, xt) - ref.predict_proba(zte)).max() < 1e-3
+    # the optimum lies in the span of the training rows: nothing of W is left outside it
+    coef, *_ = np.linalg.lstsq(ztr.T.astype(np.float64), model.weight.T.astype(np.float64), rcond=None)
+    outside = model.weight.T - ztr.T @ coef
+    assert np.abs(outside).max() < 1e-5 * np.abs(model.weight).max()
+
+
+def test_multilabel_with_fewer_rows_than_dims_is_sklearn_per_label() -> None:
+    (x, y), (xt, _) = _multilabel(30, 7, d=128), _multilabel(50, 8, d=128)
+    model = linear.fit_path(ArrayFeatures(x, y), [0.5], N_LABELS, **TIGHT)[0]
+    mean, scale = linear.standardization(ArrayFeatures(x, y))
+    probs = linear.predict_proba(model, xt)
+    for j in range(N_LABELS):
+        ref = LogisticRegression(C=0.5, tol=1e-10, max_iter=10_000).fit((x - mean) / scale, y[:, j])
+        assert np.abs(probs[:, j] - ref.predict_proba((xt - mean) / scale)[:, 1]).max() < 1e-4
+
+
 def test_separable_features_are_solved() -> None:
     rng = np.random.default_rng(0)
     centres = np.eye(4, 16) * 10
