@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['speedup']:.2f}x | >= {row['target']}x |",
             flush=True,
         )
+        if rounds:
+            r = row["paired_round_ratios"]
+            print(
+                f"  {len(r)} paired rounds: {min(r):.2f}-{max(r):.2f}x ({', '.join(f'{x:.3f}' for x in r)})"
+            )
     path = save(
         "extract",
         {
