@@ -17,7 +17,10 @@ at the chosen C.
 Speed-up = sklearn (matched tolerance) wall time / bobench wall time; target >= 10x. Accuracy target:
 bobench's test top-1 within 0.5 points of sklearn's. Times are the best of ``--repeats`` runs.
 
-    python -m benchmarks.bench_linear [--quick]
+    python -m benchmarks.bench_linear [--quick] [--shape N_TRAIN,DIM,CLASSES]
+
+``--shape 3000,1280,10`` is the few-class point (the shape of the demo's mnist5k probe, 1,000 val/test
+rows), where the gradient product's orientation decides the speed (BENCHMARKS.md P2).
 """
 
 from __future__ import annotations
@@ -88,8 +91,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2,000 x 256 train, 20 classes, 500 val/test")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per side (default 2, quick 1)")
+    ap.add_argument("--shape", default=None, help="N_TRAIN,DIM,CLASSES instead (val/test: N_TRAIN / 3 rows)")
     args = ap.parse_args(argv)
     n_train, n_eval, dim, n_classes = (2000, 500, 256, 20) if args.quick else (10_000, 2000, 1280, 100)
+    if args.shape:
+        n_train, dim, n_classes = (int(v) for v in args.shape.split(","))
+        n_eval = n_train // 3
     repeats = args.repeats or (1 if args.quick else 2)
     data = make_data(n_train, n_eval, dim, n_classes)
     Cs = linear.default_Cs()
@@ -134,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {
         "benchmark": "P2 linear probe",
         "quick": args.quick,
+        "shape": args.shape,
         "repeats": repeats,
         "device": device_info("cpu"),
         "torch_threads": torch.get_num_threads(),
@@ -171,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "met": bool(speedup >= TARGET_SPEEDUP and abs(points) <= TARGET_POINTS),
         "load_avg_1min": {"before": load_before, "after": os.getloadavg()[0]},
     }
-    path = save("linear", payload)
+    path = save("linear" if not args.shape else "linear-" + args.shape.replace(",", "x"), payload)
     print(f"wrote {path}")
     return payload
 
