@@ -95,7 +95,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     n_train, n_eval, dim, n_classes = (2000, 500, 256, 20) if args.quick else (10_000, 2000, 1280, 100)
     if args.shape:
-        n_train, dim, n_classes = (int(v) for v in args.shape.split(","))
+        try:
+            n_train, dim, n_classes = (int(v) for v in args.shape.split(","))
+        except ValueError:
+            ap.error(
+                f"--shape takes three integers N_TRAIN,DIM,CLASSES (e.g. 3000,1280,10), got {args.shape!r}"
+            )
         n_eval = n_train // 3
     repeats = args.repeats or (1 if args.quick else 2)
     data = make_data(n_train, n_eval, dim, n_classes)
