@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = [
+# (module, extra arguments): P2 runs twice, at 100 classes and at the few-class shape
+BENCHES: list[tuple[str, list[str]] | str] = [
     "bench_extract",
     "bench_linear",
+    ("bench_linear", ["--shape", "3000,1280,10"]),
     "bench_amortise",
     "bench_knn",
     "bench_reuse",
@@ -28,9 +30,10 @@ BENCHES = [
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    for name in BENCHES:
-        print(f"\n## {name}", flush=True)
-        importlib.import_module(f"benchmarks.{name}").main(args)
+    for entry in BENCHES:
+        name, extra = (entry, []) if isinstance(entry, str) else entry
+        print(f"\n## {' '.join([name, *extra])}", flush=True)
+        importlib.import_module(f"benchmarks.{name}").main([*args, *extra])
 
 
 if __name__ == "__main__":
