@@ -87,8 +87,8 @@ DEFAULTS: dict[str, Any] = {
     "C_min": 1e-4,
     "C_max": 1e2,
     "num_C": 10,
-    "max_iter": MAX_ITER,  # L-BFGS iterations per value of C
-    "tol": TOL,  # stop when a quasi-Newton step lowers the objective by at most tol * objective
+    "max_iter": MAX_ITER,  # L-BFGS steps per value of C
+    "tol": TOL,  # stop when 2 quasi-Newton steps in a row each lower the objective by <= tol * objective
     "kfold": 3,
     "memory_budget_gb": MEMORY_BUDGET_GB,  # per split: above it the split is streamed from its shards
     "batch_size": BATCH_SIZE,  # rows per chunk of a loss/gradient evaluation

@@ -21,13 +21,13 @@ unpenalised; larger C = weaker regularisation. Default grid: 10 values of C log-
 ``[1e-4, 1e2]`` (:func:`default_Cs`).
 
 Solver: full-batch L-BFGS (:class:`~bobench.protocols.lbfgs.LBFGS`), strongest regularisation first,
-each C warm-started from the previous solution *and* curvature memory. A fit stops when a quasi-Newton
-step lowers the objective by at most ``tol`` times its value. Loss and gradient are sums over row chunks of
-``batch_size`` rows (float32 matmuls, float64 softmax and sums): the same function for every chunk
-size up to float rounding, and exactly the same for a given chunk size whether the split is cached or
-streamed. A split whose float32 size exceeds ``memory_budget_gb`` is never loaded: every evaluation
-streams its memory-mapped shards (``iter_shards``); below the budget it is read once into a tensor on
-the device and reused (:class:`StandardisedSplit`).
+each C warm-started from the previous solution, its curvature memory and the path extrapolated through the
+last two solutions. A fit stops when two quasi-Newton steps in a row each lower the objective by at most
+``tol`` times its value. Loss and gradient: sums over chunks of ``batch_size`` rows (float32 matmuls,
+float64 softmax and sums), the same function for every chunk size up to float rounding, and exactly the
+same for a given chunk size whether the split is cached or streamed. A split whose float32 size exceeds
+``memory_budget_gb`` is never loaded: every evaluation streams its memory-mapped shards (``iter_shards``);
+below the budget it is read once into a tensor on the device and reused (:class:`StandardisedSplit`).
 
 Example:
     >>> models = fit_path(ArrayFeatures(X, y), default_Cs(), n_classes=5)  # X [600, 64], 10 models
@@ -54,7 +54,7 @@ __all__ += ["check_Cs", "check_labels", "count_correct", "default_Cs", "fit_path
 __all__ += ["predict_logits", "predict_proba", "sigmoid", "softmax", "split_logits", "standardization"]
 
 MAX_ITER = 1000  # L-BFGS iterations per value of C
-TOL = 1e-7  # stop when a quasi-Newton step lowers the objective by at most tol * objective
+TOL = 1e-7  # stop when 2 quasi-Newton steps in a row each lower the objective by <= tol * objective
 MEMORY_BUDGET_GB = 4.0  # per split: above it the split is streamed from its shards
 BATCH_SIZE = 16384  # rows per chunk of a loss/gradient evaluation
 _PARALLEL_WORK = 2**24  # multiply-adds of one pass (N D K) below which one CPU thread is faster
@@ -74,7 +74,7 @@ class LinearModel:
     n_classes: int
     mean: np.ndarray  # [D] float64
     scale: np.ndarray  # [D] float64, floored (see standardization)
-    n_iter: int  # L-BFGS iterations for this C, after the warm start
+    n_iter: int  # L-BFGS steps for this C after the warm start (the path extrapolation counts as one)
     converged: bool  # False when max_iter stopped the fit
     multilabel: bool = False  # K = L independent sigmoids (probs = sigmoid(logits)); classes = arange(L)
 
@@ -377,7 +377,7 @@ def fit_path(
         train: features to fit, standardised with their own statistics (:func:`standardization`).
         Cs: values of C, strictly ascending (strongest regularisation first); each fit warm-starts the next.
         n_classes: width of the predicted probabilities; labels must lie in ``[0, n_classes)``.
-        max_iter, tol: stopping rule per C (L-BFGS iterations; relative decrease of the objective).
+        max_iter, tol: stopping rule per C (L-BFGS steps; relative decrease of the objective per step).
         device: where the matmuls run (a device name as for ``--device``; MPS lacks the float64 the
             solver needs). batch_size: rows per chunk (changes nothing beyond rounding).
         memory_budget_gb: above it the features are streamed from their shards on every evaluation.
