@@ -8,7 +8,7 @@ have), 10,000 train, 2,000 val, 2,000 test rows; both standardise with the train
 at the chosen C.
 
 * bobench: ``linear.run`` with its defaults (CPU, float32 features, ``tol=1e-7`` on the relative decrease
-  of the objective per quasi-Newton step).
+  of the objective per quasi-Newton step, two such small steps in a row to stop).
 * scikit-learn: ``LogisticRegression(C=C, solver="lbfgs", max_iter=1000)`` per C on the same float32
   array, at two tolerances: ``tol=1e-8``, whose solutions are about as close to the optimum as bobench's
   (the benchmark reports each side's objective gap to the best solution either found, per C), and its
