@@ -81,6 +81,23 @@ def hand_results(tmp_path: Path) -> pd.DataFrame:
         return store.results(status=None)
 
 
+def test_a_cell_whose_newest_config_failed_has_no_score(tmp_path: Path) -> None:
+    """After a version bump the old config's score must not stand in for the new config's failed run, and
+    a metric the new config no longer records is not carried over from the old one."""
+    with ResultStore(tmp_path / "r.db") as store:
+        for bb, v in {"a": 0.9, "b": 0.8, "c": 0.7}.items():
+            _record(store, bb, "d-lin", "linear", {"top1": v, "ece": 0.1}, primary="top1", config_hash="v1")
+        store.record_failure(Cell("b", "d-lin", "d", "linear", config_hash="v2"), "boom", config={})
+        _record(store, "c", "d-lin", "linear", {"top1": 0.75}, primary="top1", config_hash="v2")
+        results = store.results(status=None)
+    m = score_matrix(results)
+    assert m.loc["a", "d-lin:top1"] == 0.9 and "b" not in m.index  # b's only score was the old config's
+    assert m.loc["c", "d-lin:top1"] == 0.75
+    assert {("b", "d-lin:top1", 0), ("c", "d-lin:top1", 0)} <= set(m.attrs["superseded"])
+    every = score_matrix(results, metric="all")
+    assert every.loc["a", "d-lin:ece"] == 0.1 and math.isnan(every.loc["c", "d-lin:ece"])
+
+
 def test_task_type():
     assert [task_type(p) for p in ("linear", "knn", "fewshot")] == ["classification"] * 3
     assert (task_type("retrieval"), task_type("ood"), task_type("detection")) == (

@@ -262,3 +262,32 @@ def test_cli_writes_the_report_and_prints_its_path(tmp_path: Path, monkeypatch: 
     assert result.exit_code == 0, result.output
     assert result.output.strip() == str(tmp_path / "rep" / "index.html")
     assert (tmp_path / "rep" / "index.html").read_text().count("<img") >= 2
+
+
+def test_runs_of_an_older_task_config_are_neither_cells_nor_failures_to_retry(tmp_path: Path) -> None:
+    """After a task's version bump the database keeps the old runs: the summary counts them apart, and a
+    failure that a newer config has since replaced is not listed (rerunning would not retry it)."""
+    from bobench.report.render import report_context
+
+    tasks = {t.name: t for t in _tasks(tmp_path / "tasks")}
+    knn, lin = tasks["digits-knn"], tasks["digits-linear"]
+    old_knn = knn.model_copy(update={"version": knn.version + 1})  # another config, recorded first
+    assert old_knn.config_hash() != knn.config_hash()
+    with ResultStore(tmp_path / "r.db") as store:
+        _record(store, "a", old_knn, {"top1": 0.5})
+        _record(store, "a", knn, {"top1": 0.9})
+        store.record_failure(Cell("a", lin.name, lin.dataset, lin.protocol, 0, "c0ffee"), "E: old", config={})
+        _record(store, "a", lin, {"top1": 0.8})
+        _record(store, "b", old_knn, {"top1": 0.4})
+        store.record_failure(
+            Cell("b", knn.name, knn.dataset, knn.protocol, 0, "f00d"), "E: current", config={}
+        )
+        results = store.results(status=None)
+    ctx = report_context(results, n_boot=5)
+    assert ctx["summary"]["cells_ok"] == 2  # a's newest knn and linear runs
+    assert ctx["summary"]["cells_failed"] == 1 and ctx["summary"]["cells_superseded"] == 3
+    assert [(f["backbone"], f["task"]) for f in ctx["failures"]] == [("b", "digits-knn")]
+    assert (
+        "older runs of changed tasks"
+        in build_report(tmp_path / "r.db", tmp_path / "out", n_boot=5).read_text()
+    )

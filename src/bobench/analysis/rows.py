@@ -16,11 +16,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["ROW_KEY", "error_headline", "newest_cards", "parse_config", "select_rows"]
+__all__ = [
+    "CELL_KEY",
+    "ROW_KEY",
+    "error_headline",
+    "newest_cards",
+    "newest_config",
+    "parse_config",
+    "select_rows",
+]
 
 #: What identifies one score: a cell's seed and metric. Rows sharing it under several ``config_hash``
 #: are older and newer runs of a changed task; only the newest counts (:func:`select_rows`).
 ROW_KEY = ["backbone", "task", "seed", "metric"]
+#: One cell whatever its config: its newest ``config_hash`` is the current one (:func:`newest_config`).
+CELL_KEY = ["backbone", "task", "seed"]
 
 
 @lru_cache(maxsize=4096)
@@ -40,11 +50,25 @@ def parse_config(text: Any) -> dict[str, Any]:
     return _json(text) if isinstance(text, str) and text else {}
 
 
+def newest_config(results: pd.DataFrame) -> np.ndarray:
+    """True for the rows (ok or failed) of each (backbone, task, seed) cell's newest ``config_hash``: the
+    config of its newest row (largest ``id``, else last). Rows of an older config are runs of a task
+    changed since (a version bump): kept in the database, never the cell's current result. All True
+    for a table without ``config_hash`` (e.g. BoB's reference numbers)."""
+    if "config_hash" not in results or results.empty:
+        return np.ones(len(results), dtype=bool)
+    df = results.sort_values("id", kind="stable") if "id" in results else results
+    hashes = df["config_hash"].astype(object).fillna("")
+    last = hashes.groupby([df[c] for c in CELL_KEY], dropna=False, sort=False).transform("last")
+    return (hashes == last).reindex(results.index).to_numpy()
+
+
 def select_rows(results: pd.DataFrame, metric: str | Sequence[str] = "primary") -> pd.DataFrame:
     """The ok rows :func:`~bobench.analysis.score_matrix` averages, with a ``setting`` column.
 
-    A (backbone, task, seed, metric) recorded under several ``config_hash`` (the task changed since) keeps
-    only its newest row (largest ``id``, else last), so stale scores never mix with current ones.
+    A (backbone, task, seed) cell recorded under several ``config_hash`` (the task changed since) keeps
+    only the rows of its newest config (:func:`newest_config`), so stale scores never mix with current
+    ones, nor stand in for a current run that failed (the cell is then missing, as a failed cell is).
 
     Args:
         results: the long results table; rows whose ``status`` is not ``ok``, whose ``value`` is NULL or
@@ -58,7 +82,7 @@ def select_rows(results: pd.DataFrame, metric: str | Sequence[str] = "primary") 
     Raises:
         ValueError: ``metric="primary"`` on a table without ``config_json``.
     """
-    df = results
+    df = results.assign(_current=newest_config(results))
     if "status" in df:
         df = df[(df["status"].astype(object) == "ok").to_numpy()]
     df = df[df["value"].notna().to_numpy() & (df["metric"].astype(object).fillna("") != "").to_numpy()]
@@ -71,7 +95,9 @@ def select_rows(results: pd.DataFrame, metric: str | Sequence[str] = "primary") 
     elif not (isinstance(metric, str) and metric == "all"):
         df = df[df["metric"].isin([metric] if isinstance(metric, str) else list(metric)).to_numpy()]
     df = df.sort_values("id", kind="stable") if "id" in df else df
-    dup = df.duplicated(ROW_KEY, keep="last").to_numpy()
+    current = df.pop("_current").to_numpy()
+    dup = ~current  # older configs' rows, then repeats of a current row (e.g. a table exported twice)
+    dup[current] = df[current].duplicated(ROW_KEY, keep="last").to_numpy()
     superseded = sorted({(r.backbone, f"{r.task}:{r.metric}", int(r.seed)) for r in df[dup].itertuples()})
     df = df[~dup].copy()
     df["setting"] = df["task"].astype(str) + ":" + df["metric"].astype(str)

@@ -24,7 +24,7 @@ import jinja2
 import pandas as pd
 
 from bobench import analysis, provenance
-from bobench.analysis.rows import error_headline
+from bobench.analysis.rows import error_headline, newest_config
 from bobench.report import plots
 from bobench.store import ResultStore
 
@@ -105,8 +105,11 @@ def report_context(
         template's variables. Sections that cannot be computed carry a ``note`` saying why.
     """
     notes: list[str] = []
-    ok = results[results["status"] == "ok"]
-    failed = results[results["status"] == "failed"]
+    # Rows of a task's older config (before a version bump) are neither the battle's cells nor failures
+    # that rerunning would retry: counted apart.
+    current = newest_config(results)
+    ok = results[(results["status"] == "ok").to_numpy() & current]
+    failed = results[(results["status"] == "failed").to_numpy() & current]
     matrix = _attempt(notes, "score matrix", lambda: analysis.score_matrix(results)) if len(ok) else None
     scored = [] if matrix is None else [b for b in matrix.index if matrix.loc[b].notna().any()]
     z = ranking = boot = None
@@ -122,7 +125,7 @@ def report_context(
     order += sorted(set(results["backbone"]) - set(order))  # failed-only backbones last
     return {
         "title": title,
-        "summary": _summary(results, ok, failed, matrix),
+        "summary": _summary(results, ok, failed, matrix, results[~current]),
         "notes": notes,
         "n_boot": n_boot,
         "ci_percent": round(100 * _CI),
@@ -160,14 +163,16 @@ def _num(value: Any, fmt: str = "{:.3f}") -> str:
 
 
 def _summary(
-    results: pd.DataFrame, ok: pd.DataFrame, failed: pd.DataFrame, matrix: pd.DataFrame | None
-) -> dict:
+    results: pd.DataFrame, ok: pd.DataFrame, failed: pd.DataFrame, matrix: pd.DataFrame | None,
+    superseded: pd.DataFrame,
+) -> dict:  # fmt: skip
     return {
         "backbones": results["backbone"].nunique(),
         "tasks": results["task"].nunique(),
         "settings": 0 if matrix is None else matrix.shape[1],
         "cells_ok": len(ok.drop_duplicates(_KEY)),
         "cells_failed": len(failed.drop_duplicates(_KEY)),
+        "cells_superseded": len(superseded.drop_duplicates(_KEY)),
     }
 
 
