@@ -112,6 +112,21 @@ def test_from_a_real_store(tmp_path) -> None:
     assert er["backbone"].iloc[0] == "bb1" and er.attrs["n"] == 4
 
 
+def test_runs_of_an_older_task_config_are_not_averaged_in(tmp_path) -> None:
+    """bb0 ran the task before a version bump (another config_hash) with other accuracies: only its
+    current run counts, as in the leaderboard."""
+    acc = _on_line([0.55, 0.65, 0.75, 0.85])
+    with ResultStore(tmp_path / "r.db") as store:
+        old = Cell("bb0", "imagenet-ood", "imagenet", "ood", seed=0, config_hash="v1")
+        store.record(old, [Metric("top1", 0.99, True), Metric(OOD, 0.01, True)], config={}, provenance={})
+        for bb, (i, o) in acc.items():
+            cell = Cell(bb, "imagenet-ood", "imagenet", "ood", seed=0, config_hash="v2")
+            store.record(cell, [Metric("top1", i, True), Metric(OOD, o, True)], config={}, provenance={})
+        er = effective_robustness(store.results(), "imagenet-ood").set_index("backbone")
+    assert er.loc["bb0", "id"] == pytest.approx(0.55) and er.attrs["a"] == pytest.approx(A)
+    np.testing.assert_allclose(er["effective_robustness"], 0, atol=1e-9)
+
+
 def test_errors() -> None:
     two = _table(_on_line([0.6, 0.7]))
     with pytest.raises(ValueError, match="at least 3 backbones"):

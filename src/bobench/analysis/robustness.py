@@ -54,8 +54,9 @@ def effective_robustness(
 
     Args:
         df: long results table (``backbone``, ``task``, ``metric``, ``value``; rows whose ``status`` is
-            not ``ok`` are ignored). Several rows of one backbone and metric (seeds) are averaged: filter
-            ``df`` first to compare one task version or one seed.
+            not ``ok`` are ignored, and so are those of a cell's older configs, see
+            :func:`~bobench.analysis.rows.newest_config`). Several rows of one backbone and metric (seeds)
+            are averaged: filter ``df`` first to compare one seed.
         task: the task whose rows are used.
         id_metric, ood_metric: the accuracies on the x and y axes, fractions in ``[0, 1]``.
         transform: ``"logit"`` (``f = logit`` of the accuracy clipped to ``[1e-4, 1 - 1e-4]``, as
@@ -76,11 +77,14 @@ def effective_robustness(
     """
     import pandas as pd
 
+    from bobench.analysis.rows import newest_config
+
     if transform not in _TRANSFORMS:
         raise ValueError(f"transform must be one of {_TRANSFORMS}, got {transform!r}")
     missing = {"backbone", "task", "metric", "value"} - set(df.columns)
     if missing:
         raise ValueError(f"the results table lacks column(s) {sorted(missing)}")
+    df = df[newest_config(df)]  # a task's runs before a version bump are not averaged in
     rows = df[(df["task"] == task) & df["metric"].isin([id_metric, ood_metric])]
     if "status" in rows.columns:
         rows = rows[rows["status"] == "ok"]

@@ -55,7 +55,7 @@ def newest_config(results: pd.DataFrame) -> np.ndarray:
     config of its newest row (largest ``id``, else last). Rows of an older config are runs of a task
     changed since (a version bump): kept in the database, never the cell's current result. All True
     for a table without ``config_hash`` (e.g. BoB's reference numbers)."""
-    if "config_hash" not in results or results.empty:
+    if results.empty or not {"config_hash", *CELL_KEY} <= set(results.columns):
         return np.ones(len(results), dtype=bool)
     df = results.sort_values("id", kind="stable") if "id" in results else results
     hashes = df["config_hash"].astype(object).fillna("")
