@@ -96,6 +96,9 @@ def test_a_cell_whose_newest_config_failed_has_no_score(tmp_path: Path) -> None:
     assert {("b", "d-lin:top1", 0), ("c", "d-lin:top1", 0)} <= set(m.attrs["superseded"])
     every = score_matrix(results, metric="all")
     assert every.loc["a", "d-lin:ece"] == 0.1 and math.isnan(every.loc["c", "d-lin:ece"])
+    # the same table twice over, index and ids repeated (two exports concatenated): the same matrix
+    twice = score_matrix(pd.concat([results, results.assign(backbone=results["backbone"] + "2")]))
+    assert twice.loc["c2", "d-lin:top1"] == 0.75 and "b2" not in twice.index
 
 
 def test_task_type():

@@ -57,10 +57,15 @@ def newest_config(results: pd.DataFrame) -> np.ndarray:
     for a table without ``config_hash`` (e.g. BoB's reference numbers)."""
     if results.empty or not {"config_hash", *CELL_KEY} <= set(results.columns):
         return np.ones(len(results), dtype=bool)
-    df = results.sort_values("id", kind="stable") if "id" in results else results
+    # Positions, not index labels: a table may repeat its index (e.g. two exports concatenated).
+    n = len(results)
+    order = np.argsort(results["id"].to_numpy(), kind="stable") if "id" in results else np.arange(n)
+    df = results.iloc[order].reset_index(drop=True)
     hashes = df["config_hash"].astype(object).fillna("")
     last = hashes.groupby([df[c] for c in CELL_KEY], dropna=False, sort=False).transform("last")
-    return (hashes == last).reindex(results.index).to_numpy()
+    current = np.empty(n, dtype=bool)
+    current[order] = (hashes == last).to_numpy()
+    return current
 
 
 def select_rows(results: pd.DataFrame, metric: str | Sequence[str] = "primary") -> pd.DataFrame:
