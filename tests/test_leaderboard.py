@@ -89,3 +89,13 @@ def test_a_single_backbone_is_listed_with_its_scores_but_no_rank(tmp_path: Path)
     assert table["rank"].isna().all() and table["score"].isna().all()
     assert table["tasks"].tolist() == ["1/2", "0/2"]
     assert "80.0" in format_leaderboard(table)
+
+
+def test_a_cell_whose_newest_config_failed_shows_no_score(store: ResultStore) -> None:
+    """After a version bump, c's linear cell failed under the new config: the table shows no number for
+    it rather than the old config's 0.70, as the report does."""
+    bumped = LINEAR.model_copy(update={"version": 2})
+    store.record_failure(_cell("c", bumped), "RuntimeError: out of memory", config={})
+    table = leaderboard(store, ["a", "b", "c"], [RETRIEVAL, bumped])
+    assert pd.isna(table.loc["c", "toy-linear"]) and table.loc["c", "tasks"] == "1/2"
+    assert table.loc["a", "toy-linear"] == 0.60  # cells not rerun keep their only config's score

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from bobench.analysis.rows import newest_config
 from bobench.analysis.scores import rank, score_matrix, zscores
 
 if TYPE_CHECKING:
@@ -63,7 +64,9 @@ def leaderboard(store: ResultStore, backbones: Sequence[str], tasks: Sequence[An
     names = [t.name for t in tasks]
     backbones = list(dict.fromkeys(backbones))
     settings = {f"{t.name}:{t.primary}": t.name for t in tasks}
-    results = store.results(status="ok", backbone=backbones, task=names)
+    # Failed rows too: a cell whose newest config failed has no score, not its older config's score.
+    results = store.results(status=None, backbone=backbones, task=names)
+    results = results[newest_config(results)]
     table = pd.DataFrame(index=pd.Index(backbones, name="backbone"), columns=names, dtype="float64")
     ranking = None
     # One setting per task, its primary as the battle's TaskConfig names it: the columns shown are the
