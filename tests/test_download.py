@@ -64,9 +64,11 @@ def _handler(state: Served) -> type[BaseHTTPRequestHandler]:
             end = len(body) if state.cut_at is None else state.cut_at
             for i in range(start, end, 64 * 1024):
                 chunk = body[i : min(i + 64 * 1024, end)]
-                self.wfile.write(chunk)
+                # Counted before it is written: the client can hold the whole body (and the test assert)
+                # before this thread runs again, which under load made a count taken after lag behind.
                 with state.lock:
                     state.bytes_sent += len(chunk)
+                self.wfile.write(chunk)
                 if state.delay_per_chunk:
                     time.sleep(state.delay_per_chunk)
 
