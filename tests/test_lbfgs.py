@@ -34,6 +34,13 @@ def pairs(n: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, list[torch.Ten
     return A, S, [A @ s for s in S]
 
 
+def quadratic(dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``A`` positive definite, ``b``, and a constant that keeps ``f = x A x / 2 - b x + c`` positive."""
+    A, _, _ = pairs(1, dim, seed=seed)
+    b = torch.randn(dim, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    return A, b, float(b @ torch.linalg.solve(A, b)) + 1.0
+
+
 def test_set_lam_corrects_the_pairs_and_drops_those_without_curvature():
     dim = 12
     gen = torch.Generator().manual_seed(1)
@@ -60,8 +67,7 @@ def test_set_lam_corrects_the_pairs_and_drops_those_without_curvature():
 
 
 def test_minimise_solves_a_quadratic():
-    A, _, _ = pairs(1, 40, seed=3)
-    b = torch.randn(40, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    A, b, _ = quadratic(40, seed=3)
 
     def fg(x: torch.Tensor) -> tuple[float, torch.Tensor]:
         return float(0.5 * x @ A @ x - b @ x), A @ x - b
@@ -72,13 +78,6 @@ def test_minimise_solves_a_quadratic():
     )
     assert converged and n_iter < 500
     torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-5, atol=1e-6)
-
-
-def quadratic(dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``A`` positive definite, ``b``, and a constant that keeps ``f = x A x / 2 - b x + c`` positive."""
-    A, _, _ = pairs(1, dim, seed=seed)
-    b = torch.randn(dim, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    return A, b, float(b @ torch.linalg.solve(A, b)) + 1.0
 
 
 def test_a_fit_stops_only_after_small_steps_in_a_row():

@@ -69,7 +69,7 @@ class LBFGS:
         if len(self.solutions) < 2 or self.solutions[-1][1] is not x:
             return None
         (lam0, x0), (lam1, _) = self.solutions
-        if not self.lam != lam1 != lam0:  # the same lam again: no path direction to follow
+        if self.lam == lam1 or lam1 == lam0:  # the same lam again: no path direction to follow
             return None
         # the solution path is smooth in log lam: one secant step of the new lam's distance along it
         xe = x + (x - x0) * (math.log(self.lam / lam1) / math.log(lam1 / lam0))
@@ -88,7 +88,7 @@ class LBFGS:
 
         Along a path (``x`` the solution the previous call returned, at another lam), the first step goes
         to the secant extrapolation through the last two solutions when it lowers ``f``: on the probe's
-        paths it halves the iterations (BENCHMARKS.md P2). One small decrease alone is no proof of
+        paths it saves about a third of the evaluations (BENCHMARKS.md P2). One small decrease alone is no proof of
         convergence (a short step in a poorly modelled direction); two in a row stopped 3x closer to the
         optimum on real features.
 

@@ -53,7 +53,7 @@ __all__ += ["StandardisedSplit"]
 __all__ += ["check_Cs", "check_labels", "count_correct", "default_Cs", "fit_path", "fit_split"]
 __all__ += ["predict_logits", "predict_proba", "sigmoid", "softmax", "split_logits", "standardization"]
 
-MAX_ITER = 1000  # L-BFGS iterations per value of C
+MAX_ITER = 1000  # L-BFGS steps per value of C
 TOL = 1e-7  # stop when 2 quasi-Newton steps in a row each lower the objective by <= tol * objective
 MEMORY_BUDGET_GB = 4.0  # per split: above it the split is streamed from its shards
 BATCH_SIZE = 16384  # rows per chunk of a loss/gradient evaluation

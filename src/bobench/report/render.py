@@ -163,9 +163,12 @@ def _num(value: Any, fmt: str = "{:.3f}") -> str:
 
 
 def _summary(
-    results: pd.DataFrame, ok: pd.DataFrame, failed: pd.DataFrame, matrix: pd.DataFrame | None,
+    results: pd.DataFrame,
+    ok: pd.DataFrame,
+    failed: pd.DataFrame,
+    matrix: pd.DataFrame | None,
     superseded: pd.DataFrame,
-) -> dict:  # fmt: skip
+) -> dict:
     return {
         "backbones": results["backbone"].nunique(),
         "tasks": results["task"].nunique(),
