@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
             "per_task": per_task,
             "ratio": ratio,
         },
+        quick=args.quick,
     )
     print(f"wrote {path}")
     return {"ratio": ratio}

@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "summary": summary,
             "runs": results,
         },
+        quick=args.quick,
     )
     print(f"wrote {path}")
     return summary

@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
             "workers": args.workers,
             "rows": rows,
         },
+        quick=args.quick,
     )
     print(f"wrote {path}")
     return {"rows": rows}

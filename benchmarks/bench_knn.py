@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "met": rows[1]["speedup"] >= TARGET,
         "load_avg_1min": {"before": load_before, "after": os.getloadavg()[0]},
     }
-    path = save("knn", payload)
+    path = save("knn", payload, quick=args.quick)
     print(f"wrote {path}")
     for r in rows:  # after writing, so a mismatch is still on record
         assert r["identical"], f"{r['setting']}: predictions differ from sklearn: {r['identical_fraction']}"

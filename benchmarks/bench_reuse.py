@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
             "ood_images": n_ood,
             "ood_extract_s": t_ood_extract,
         },
+        quick=args.quick,
     )
     print(f"wrote {path}")
     return {"ratio": ratio}

@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
             **summary,
             "runs": runs,
         },
+        quick=args.quick,
     )
     print(f"wrote {path}")
     return summary

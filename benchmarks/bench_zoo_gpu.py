@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         "workers": args.workers,
         "rows": rows,
     }
-    path = save("zoo_gpu", payload)
+    path = save("zoo_gpu", payload, quick=args.quick)
     print(f"wrote {path}")
     return {"rows": rows}
 

@@ -27,10 +27,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def save(name: str, payload: dict[str, Any]) -> Path:
-    """Write ``benchmarks/results/<name>.json`` with the machine attached; return its path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def save(name: str, payload: dict[str, Any], quick: bool = False) -> Path:
+    """Write ``benchmarks/results/<name>.json`` with the machine attached; return its path. A ``quick``
+    (smoke) run writes ``benchmarks/results/quick/<name>.json`` instead (not tracked by git), so it never
+    replaces the numbers BENCHMARKS.md quotes."""
+    folder = RESULTS / "quick" if quick else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=float))
     return path
 
