@@ -9,13 +9,24 @@ at the chosen C.
 
 * bobench: ``linear.run`` with its defaults (CPU, float32 features, ``tol=1e-7`` on the relative decrease
   of the objective per quasi-Newton step, two such small steps in a row to stop).
-* scikit-learn: ``LogisticRegression(C=C, solver="lbfgs", max_iter=1000)`` per C on the same float32
-  array, at two tolerances: ``tol=1e-8``, whose solutions are about as close to the optimum as bobench's
-  (the benchmark reports each side's objective gap to the best solution either found, per C), and its
-  default ``tol=1e-4``, which stops weakly regularised fits early (gaps of percents at C=100).
+* scikit-learn: ``LogisticRegression(C=C, solver="lbfgs")`` per C, three ways:
 
-Speed-up = sklearn (matched tolerance) wall time / bobench wall time; target >= 10x. Accuracy target:
-bobench's test top-1 within 0.5 points of sklearn's. Times are the best of ``--repeats`` runs.
+  - on the same float32 array at ``tol=1e-8`` ("float32"; ``max_iter=1000``): the baseline the target was
+    first set against. Its ``tol`` does not decide where the fits stop: tol 1e-8, 1e-9 and 1e-10 gave the
+    same iterations and the same solutions on P2 (BENCHMARKS.md): float32 precision stops them, and its
+    worst objective gap was 260 times bobench's (6.5e-5 against 2.5e-7);
+  - on the float32 array at its default ``tol=1e-4`` ("default"), which stops weakly regularised fits early
+    (gaps of percents at C=100);
+  - on the float64 standardised array at ``tol=1e-8`` ("float64"; ``max_iter=10000``), which does converge
+    with its tol: the baseline for matched convergence, its worst objective gap still above bobench's on P2.
+
+  The benchmark reports each side's objective gap to the best solution any of them found, per C.
+
+Speed-up = sklearn wall time / bobench wall time, against each baseline; target >= 10x at matched
+convergence, i.e. against a baseline whose worst objective gap is no smaller than bobench's
+(``met_matched_convergence``; ``met`` keeps the first definition, against the float32 baseline).
+Accuracy target: bobench's test top-1 within 0.5 points of sklearn's. Times are the best of ``--repeats``
+runs.
 
     python -m benchmarks.bench_linear [--quick] [--shape N_TRAIN,DIM,CLASSES]
 
@@ -42,7 +53,12 @@ from bobench.provenance import device_info
 
 TARGET_SPEEDUP = 10.0
 TARGET_POINTS = 0.5
-SKLEARN_TOLS = {"matched": 1e-8, "default": 1e-4}
+# name: (tol, float64 input, max_iter)
+SKLEARN_RUNS = {
+    "float32": (1e-8, False, 1000),
+    "default": (1e-4, False, 1000),
+    "float64": (1e-8, True, 10_000),
+}
 
 
 def make_data(n_train: int, n_eval: int, dim: int, n_classes: int, seed: int = 0) -> ProbeData:
@@ -61,15 +77,19 @@ def make_data(n_train: int, n_eval: int, dim: int, n_classes: int, seed: int = 0
     return ProbeData(draw(n_train), draw(n_eval), draw(n_eval), n_classes)
 
 
-def run_sklearn(data: ProbeData, Cs: np.ndarray, tol: float) -> dict[str, Any]:
-    """The per-C baseline: standardise, fit and score val for each C, then score test at the chosen C."""
+def run_sklearn(
+    data: ProbeData, Cs: np.ndarray, tol: float, float64: bool = False, max_iter: int = 1000
+) -> dict[str, Any]:
+    """The per-C baseline: standardise (float32 features, or float64 with ``float64``), fit and score val
+    for each C, then score test at the chosen C."""
     mean, scale = linear.standardization(data.train)
-    z = ((data.train.X - mean) / scale).astype(np.float32)
-    zv = ((data.val.X - mean) / scale).astype(np.float32)
-    fits = [LogisticRegression(C=C, tol=tol, max_iter=1000).fit(z, data.train.y) for C in Cs]
+    dtype = np.float64 if float64 else np.float32
+    z = ((data.train.X - mean) / scale).astype(dtype)
+    zv = ((data.val.X - mean) / scale).astype(dtype)
+    fits = [LogisticRegression(C=C, tol=tol, max_iter=max_iter).fit(z, data.train.y) for C in Cs]
     val_top1 = [float(f.score(zv, data.val.y)) for f in fits]
     best = linear.select(val_top1)
-    zt = ((data.test.X - mean) / scale).astype(np.float32)
+    zt = ((data.test.X - mean) / scale).astype(dtype)
     return {
         "fits": fits,
         "val_top1": val_top1,
@@ -110,11 +130,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ours = linear.run(data, {}, seed=0)  # untimed warm-up (first-call kernel set-up), and the result
     t_ours = best_of(lambda: linear.run(data, {}, seed=0), repeats)
     t_sk, sk = {}, {}
-    for name, tol in SKLEARN_TOLS.items():
+    for name, spec in SKLEARN_RUNS.items():
         t0 = time.perf_counter()
-        sk[name] = run_sklearn(data, Cs, tol)
+        sk[name] = run_sklearn(data, Cs, *spec)
         times = [time.perf_counter() - t0]
-        times += [best_of(lambda tol=tol: run_sklearn(data, Cs, tol), 1) for _ in range(repeats - 1)]
+        times += [best_of(lambda spec=spec: run_sklearn(data, Cs, *spec), 1) for _ in range(repeats - 1)]
         t_sk[name] = min(times)
 
     # Convergence of each side, per C: objective gap to the best solution any run found.
@@ -128,21 +148,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rel_gap = lambda f: ((np.asarray(f) - f_best) / f_best).tolist()  # noqa: E731
 
     top1_ours = {m.name: m.value for m in ours.metrics}["top1"]
-    speedup = t_sk["matched"] / t_ours
-    points = 100 * (top1_ours - sk["matched"]["test_top1"])
+    speedup = {name: t / t_ours for name, t in t_sk.items()}
+    points = {name: 100 * (top1_ours - v["test_top1"]) for name, v in sk.items()}
+    worst = {"bobench": max(rel_gap(f_ours)), **{name: max(rel_gap(f)) for name, f in f_sk.items()}}
+    # matched convergence: a baseline that stopped no closer to the optimum than bobench did
+    matched = worst["float64"] >= worst["bobench"]
     print(
         f"\nlinear probe, {n_train:,} x {dim} train, {n_classes} classes, {n_eval:,} val/test, {len(Cs)} values "
         f"of C; {device_info('cpu')}, torch threads {torch.get_num_threads()}, "
         f"1-min load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
     )
-    print(
-        "| sklearn tol=1e-8 | sklearn tol=1e-4 | bobench path | speed-up (vs 1e-4) | sklearn top-1 | bobench top-1 |"
-    )
-    print("|---|---|---|---|---|---|")
-    print(
-        f"| {t_sk['matched']:.1f} s | {t_sk['default']:.1f} s | {t_ours:.2f} s | {speedup:.1f}x "
-        f"({t_sk['default'] / t_ours:.1f}x) | {sk['matched']['test_top1']:.4f} | {top1_ours:.4f} |"
-    )
+    print("| run | seconds | speed-up | worst objective gap | test top-1 |")
+    print("|---|---|---|---|---|")
+    print(f"| bobench path | {t_ours:.2f} | 1x | {worst['bobench']:.1e} | {top1_ours:.4f} |")
+    for name, (tol, float64, _) in SKLEARN_RUNS.items():
+        label = f"sklearn {'float64' if float64 else 'float32'} tol={tol:g}"
+        print(
+            f"| {label} | {t_sk[name]:.1f} | {speedup[name]:.1f}x | {worst[name]:.1e} | "
+            f"{sk[name]['test_top1']:.4f} |"
+        )
     payload = {
         "benchmark": "P2 linear probe",
         "quick": args.quick,
@@ -166,7 +190,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "sklearn": {
             name: {
-                "tol": SKLEARN_TOLS[name],
+                "tol": SKLEARN_RUNS[name][0],
+                "float64_input": SKLEARN_RUNS[name][1],
+                "max_iter": SKLEARN_RUNS[name][2],
                 "seconds": t_sk[name],
                 "C": float(Cs[v["best"]]),
                 "test_top1": v["test_top1"],
@@ -176,15 +202,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
             for name, v in sk.items()
         },
-        "speedup_vs_matched": speedup,
-        "speedup_vs_default": t_sk["default"] / t_ours,
-        "top1_points_vs_matched": points,
+        "speedup": speedup,
+        "top1_points": points,
+        "worst_objective_rel_gap": worst,
+        "float64_no_closer_than_bobench": matched,
         "target_speedup": TARGET_SPEEDUP,
         "target_points": TARGET_POINTS,
-        "met": bool(speedup >= TARGET_SPEEDUP and abs(points) <= TARGET_POINTS),
+        # the first definition: against sklearn on float32 features at tol 1e-8
+        "met": bool(speedup["float32"] >= TARGET_SPEEDUP and abs(points["float32"]) <= TARGET_POINTS),
+        "met_matched_convergence": bool(
+            matched and speedup["float64"] >= TARGET_SPEEDUP and abs(points["float64"]) <= TARGET_POINTS
+        ),
         "load_avg_1min": {"before": load_before, "after": os.getloadavg()[0]},
     }
-    path = save("linear" if not args.shape else "linear-" + args.shape.replace(",", "x"), payload)
+    path = save(
+        "linear" if not args.shape else "linear-" + args.shape.replace(",", "x"), payload, quick=args.quick
+    )
     print(f"wrote {path}")
     return payload
 
