@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {name} | cos min {row['cos_min']:.5f} median {row['cos_median']:.5f} | fp32 {row['fp32_s']:.1f} s "
               f"| bf16 {row['bf16_s']:.1f} s | {row['speedup']:.2f}x |", flush=True)  # fmt: skip
     payload = {"benchmark": "CPU bf16 extraction", "cpu_flags": cpu_flags(), "rows": rows}
-    if not args.quick:
-        print(f"wrote {save('bf16_cpu', payload)}")
+    print(f"wrote {save('bf16_cpu', payload, quick=args.quick)}")
     return payload
 
 

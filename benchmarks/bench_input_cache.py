@@ -135,7 +135,9 @@ def bench_point(model: str, image_size: int | None, data: Path, args: argparse.N
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one round, the 96 px point, no JSON")
+    ap.add_argument(
+        "--quick", action="store_true", help="one round, the 96 px point, JSON under results/quick/"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--copies", type=int, default=1, help="times each of the 780 photos is written")
     ap.add_argument("--device", default="cpu")
@@ -155,8 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = [bench_point(m, size, data, args) for m, size in points]
     payload = {"benchmark": "P11 input cache", "config": vars(args), "points": results,
                "seconds": time.perf_counter() - t0}  # fmt: skip
-    if not args.quick:
-        print(f"wrote {save('input_cache', payload)}")
+    print(f"wrote {save('input_cache', payload, quick=args.quick)}")
     return payload
 
 

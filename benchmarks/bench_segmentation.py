@@ -48,8 +48,8 @@ Points (each with its own warm-up and rounds, on the same data, 96 px):
     python -m benchmarks.bench_segmentation --no-light --probe-epochs 0 --batch-size 16 --no-save  # a variant
 
 The default run takes about 11 minutes on a quiet 2-core CPU machine (more when retries are needed).
-``--quick``: 2 epochs, one round, the light point only, nothing written. Results go to
-``benchmarks/results/segmentation.json``.
+``--quick``: 2 epochs, one round, the light point only, written to ``benchmarks/results/quick/``. Results go
+to ``benchmarks/results/segmentation.json``.
 """
 
 from __future__ import annotations
@@ -354,7 +354,7 @@ def report(point: Point, out: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run P9 and write ``benchmarks/results/segmentation.json`` (``--quick``: a smoke run, nothing written)."""
+    """Run P9 and write ``benchmarks/results/segmentation.json`` (``--quick``: a smoke run, written under ``quick/``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 epochs, one round, light point only")
     ap.add_argument("--model", default="mobilenetv2_100.tv_in1k")
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
         report(point, out[point.label])
     out["benchmark_wall_s"] = time.perf_counter() - t0
     print(f"whole benchmark: {out['benchmark_wall_s']:.0f} s", flush=True)
-    if args.quick or args.no_save:
+    if args.no_save:
         return out
     path = save(
         "segmentation",
@@ -416,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
             "benchmark": "P9 segmentation: frozen linear head from cached maps vs the backbone every epoch",
             **out,
         },
+        quick=args.quick,
     )
     print(f"wrote {path}")
     return out
