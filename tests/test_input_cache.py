@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from bobench import create_backbone, load_dataset
+from bobench import create_backbone, input_cache, load_dataset
 from bobench.data import DatasetError
 from bobench.features import ExtractOptions, FeatureStore
 from bobench.input_cache import InputStore, Normalise, split_transform
@@ -208,3 +208,110 @@ def test_a_battle_records_the_input_cache_and_a_bad_image_fails_only_its_cell(tm
     ok = rows[rows["status"] == "ok"].iloc[0]
     info = json.loads(ok["config_json"])["info"]
     assert {v["used"] for v in info["input_cache"].values()} == {True}
+
+
+@pytest.fixture
+def streaming(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first extraction fills the input cache from its own batches (bobench does so on accelerators only,
+    where the separate pass would leave the device idle), in 4-image shards so batches of 3 straddle them."""
+    monkeypatch.setattr(input_cache, "NORMALISE_ON_DEVICE", frozenset({"cpu"}))
+    monkeypatch.setattr(input_cache, "SHARD_SIZE", 4)
+
+
+STREAMED = dataclasses.replace(CACHED, batch_size=3)
+
+
+def _inputs_manifest(root: Path) -> dict:
+    (folder,) = [p for p in (root / "inputs").iterdir() if p.is_dir()]
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def test_a_streamed_first_extraction_stores_what_the_separate_pass_stores(
+    tmp_path: Path, streaming: None
+) -> None:
+    data = _folder(tmp_path / "data")
+    ds = load_dataset(f"imagefolder:{data}", split="train")
+    n, bb = len(ds), create_backbone("random/timm:test_resnet")
+    plain = FeatureStore(tmp_path / "plain").get_or_extract(bb, ds, OPTS).load()[0]
+    store = FeatureStore(tmp_path / "cache")
+    fs = store.get_or_extract(bb, ds, STREAMED)
+    info = fs.stats["input_cache"]
+    assert info["streamed"] and not info["hit"] and info["shape"] == [48, 48, 3] and info["build_s"] > 0
+    np.testing.assert_array_equal(fs.load()[0], plain)
+    manifest = _inputs_manifest(store.root)
+    assert manifest["complete"] and manifest["shards"] == [0, 1] and manifest["n"] == n == 8  # 3+3+2 images
+    geometric = split_transform(bb.transform(image_size=48)).geometric
+    separate = InputStore(tmp_path / "separate").get_or_build(ds, geometric, workers=0)
+    streamed = InputStore(store.root / "inputs").get_or_build(ds, geometric, workers=0)
+    assert streamed.cache_hit and streamed.key == separate.key
+    np.testing.assert_array_equal(streamed.rows(range(n)), separate.rows(range(n)))
+    second = create_backbone("random/timm:test_resnet", init_seed=1)
+    want = FeatureStore(tmp_path / "plain2").get_or_extract(second, ds, OPTS).load()[0]
+    for png in data.rglob("*.png"):
+        png.unlink()  # the next backbone reads the stored images
+    fs = store.get_or_extract(second, ds, STREAMED)
+    assert fs.stats["input_cache"]["hit"] and "streamed" not in fs.stats["input_cache"]
+    np.testing.assert_array_equal(fs.load()[0], want)
+
+
+def test_a_bad_image_mid_stream_is_named_and_the_rerun_resumes_the_input_cache(
+    tmp_path: Path, streaming: None
+) -> None:
+    data = _folder(tmp_path / "data")
+    ds = load_dataset(f"imagefolder:{data}", split="train")
+    bb = create_backbone("random/timm:test_resnet")
+    plain = FeatureStore(tmp_path / "plain").get_or_extract(bb, ds, OPTS).load()[0]
+    assert len(ds) == 8  # batches 0-2, 3-5, 6-7; shards 0-3, 4-7
+    bad = data / ds.item_id(7)  # in the last batch: shard 0 is full before it, shard 1 is not
+    good = bad.read_bytes()
+    bad.write_bytes(b"not a png")
+    store = FeatureStore(tmp_path / "cache")
+    with pytest.raises(DatasetError, match=bad.name.replace(".", r"\.")):
+        store.get_or_extract(bb, ds, STREAMED)
+    manifest = _inputs_manifest(store.root)
+    assert manifest["shards"] == [0] and not manifest["complete"]  # kept, and the lock released
+    bad.write_bytes(good)
+    fs = store.get_or_extract(bb, ds, STREAMED)  # a started key: the separate pass resumes it
+    assert "streamed" not in fs.stats["input_cache"] and not fs.stats["input_cache"]["hit"]
+    assert _inputs_manifest(store.root)["resumed_shards"] == 1
+    np.testing.assert_array_equal(fs.load()[0], plain)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])  # a later batch differs / images within one batch differ
+def test_a_stream_of_images_of_different_sizes_is_refused_by_name(
+    tmp_path: Path, streaming: None, batch_size: int
+) -> None:
+    ds = load_dataset(f"imagefolder:{_folder(tmp_path / 'data')}", split="train")
+    bb = create_backbone("random/timm:test_resnet")
+    norm = T.Normalize(bb.card.mean, bb.card.std)
+    bb.transform = lambda train=False, image_size=None: T.Compose([T.Resize(40), T.ToTensor(), norm])
+    with pytest.raises(
+        ValueError,
+        match=r"input cache: image train/a/2\.png is \(40, 40, 3\) after .* the first was \(40, 60, 3\)",
+    ):
+        FeatureStore(tmp_path / "cache").get_or_extract(
+            bb, ds, dataclasses.replace(STREAMED, batch_size=batch_size)
+        )
+
+
+def test_on_an_accelerator_the_workers_decode_and_the_device_normalises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the input cache, an extraction on an accelerator reads uint8 batches and normalises them on
+    the device: the same features bit for bit, and the record says where. (Run here on the CPU, treated as
+    an accelerator; on the CPU itself the workers normalise.)"""
+    ds = load_dataset(f"imagefolder:{_folder(tmp_path / 'data')}", split="train")
+    bb = create_backbone("random/timm:test_resnet")
+    plain = FeatureStore(tmp_path / "plain").get_or_extract(bb, ds, OPTS)
+    assert plain.stats["normalised_on"] == "workers"
+    monkeypatch.setattr(input_cache, "NORMALISE_ON_DEVICE", frozenset({"cpu"}))
+    fs = FeatureStore(tmp_path / "device").get_or_extract(bb, ds, dataclasses.replace(OPTS, num_workers=2))
+    assert fs.stats["normalised_on"] == "device" and fs.stats["input_cache"] is None
+    assert fs.key == plain.key
+    np.testing.assert_array_equal(fs.load()[0], plain.load()[0])
+    np.testing.assert_array_equal(fs.load()[1], plain.load()[1])
+    ordinary = bb.transform(image_size=48)
+    bb.transform = lambda train=False, image_size=None: lambda im: ordinary(im)  # does not split
+    fs = FeatureStore(tmp_path / "custom").get_or_extract(bb, ds, OPTS)
+    assert fs.stats["normalised_on"] == "workers"
+    np.testing.assert_array_equal(fs.load()[0], plain.load()[0])

@@ -63,13 +63,19 @@ class ExtractOptions:
         device: ``auto`` | ``cpu`` | ``cuda[:N]`` | ``mps``.
         precision: ``auto`` (mixed precision on GPUs, fp32 on CPU) | ``fp32`` | ``fp16`` | ``bf16``.
         batch_size: images per forward; halved automatically on out-of-memory.
-        num_workers: DataLoader workers (None: one per spare core, at most 8).
+        num_workers: DataLoader workers (None: one per spare core, at most 8; reading a full input cache,
+            one on the CPU and four on an accelerator).
         image_size: override the card's input size (e.g. 64 or 112 px in tests).
         shard_size: samples per shard file (the unit of resumption).
         channels_last: None lets the backbone decide (CNNs: yes).
         progress: show a progress bar (only on a terminal).
         input_cache: read the images pre-resized from :mod:`bobench.input_cache` (decoded and resized once
-            per dataset and resize/crop, shared by backbones that resize alike); the same features.
+            per dataset and resize/crop, shared by backbones that resize alike); the same features. On an
+            accelerator the first backbone fills it as it extracts.
+
+    On an accelerator the workers stop after the resize and crop and the device converts and normalises
+    each uint8 batch (:func:`bobench.input_cache.device_normalised`; the same features, recorded as
+    ``normalised_on`` in the stats).
     """
 
     device: str = "auto"
@@ -291,13 +297,24 @@ class FeatureStore:
         ds.transform = backbone.transform(train=False, image_size=options.image_size)
         indices = [j for i in todo for j in range(i * size, min((i + 1) * size, n))]
         t0 = time.perf_counter()
-        prepare, inputs = None, None
+        prepare, inputs, sink = None, None, None
         if options.input_cache and indices:
             from bobench.input_cache import cached_inputs
 
-            ds, prepare, inputs = cached_inputs(ds, self.root / "inputs", options)
+            ds, prepare, inputs, sink = cached_inputs(
+                ds, self.root / "inputs", options, placement.device.type, whole=len(indices) == n
+            )
+            if prepare is not None and sink is None and options.num_workers is None:  # memory-map reads
+                from bobench.input_cache import default_readers
+
+                options = dataclasses.replace(options, num_workers=default_readers(placement.device.type))
+        elif indices:
+            from bobench.input_cache import NORMALISE_ON_DEVICE, device_normalised
+
+            if placement.device.type in NORMALISE_ON_DEVICE:
+                ds, prepare = device_normalised(ds)
         for index, feats, labels in self._run(
-            backbone, ds, indices, todo, size, n, options, placement, prepare
+            backbone, ds, indices, todo, size, n, options, placement, prepare, sink
         ):
             name = f"shard-{index:05d}"
             atomic_save_npy(folder / f"{name}.npy", feats)
@@ -319,6 +336,7 @@ class FeatureStore:
             "peak_mem_mb": peak_memory_mb(placement.device),
             "resumed_shards": len(done),
             "input_cache": inputs,
+            "normalised_on": "device" if prepare is not None else "workers",
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_manifest(folder, manifest)
@@ -341,9 +359,12 @@ class FeatureStore:
         if pending is not None:
             yield pending[0].cpu(), pending[1]
 
-    def _run(self, backbone, ds, indices, todo, size, n, options, placement, prepare=None):
+    def _run(self, backbone, ds, indices, todo, size, n, options, placement, prepare=None, sink=None):
         """Yield ``(shard index, features, labels)`` for each shard in ``todo``, in order; ``prepare`` turns
-        a batch of the input cache's uint8 images into the model's input on the device."""
+        a batch of the input cache's uint8 images into the model's input on the device; ``sink`` (a
+        :class:`~bobench.input_cache.StreamedBuild`) stores each decoded batch as the input cache."""
+        from contextlib import nullcontext
+
         import torch
         from torch.utils.data import Subset
 
@@ -355,8 +376,6 @@ class FeatureStore:
         memory_format = extraction_memory_format(backbone, options)
         if memory_format == torch.channels_last:
             model = model.to(memory_format=memory_format)
-        if prepare is not None and options.num_workers is None:
-            options = dataclasses.replace(options, num_workers=1)  # memory-map reads: one reader is plenty
         loader = extraction_loader(Subset(ds, indices), options, placement)
         fwd_bs = options.batch_size
         shard_iter = iter(todo)
@@ -390,8 +409,9 @@ class FeatureStore:
                 f"extract {backbone.card.name}", total=len(indices), enabled=options.progress
             ) as bar,
             worker_errors_unwrapped(),
+            sink if sink is not None else nullcontext(),
         ):
-            for emb, y in self._overlapped(loader, forward):
+            for emb, y in self._overlapped(loader, forward if sink is None else sink.feeding(forward)):
                 if emb.shape[-1] != dim:
                     raise RuntimeError(
                         f"{backbone.card.name}.embed returned dim {emb.shape[-1]}, card says {dim}"

@@ -19,6 +19,12 @@ Layout under ``root`` (``<feature cache>/inputs``)::
     <key>/shard-00000.npy     # uint8 [n_i, H, W, 3]: images [i*S, (i+1)*S)
     <key>.lock                # held by the one process building this key
 
+**Filling it.** On the CPU the first backbone's extraction waits for one separate pass that decodes with every
+core (the forward would compete with the decoders for them). On an accelerator that pass would leave the
+device idle, so the first extraction decodes in its own DataLoader workers as the ordinary path does, and
+:class:`~bobench.input_stream.StreamedBuild` writes the shards from the batches the model receives (a thread does the writing):
+the first backbone pays about what the ordinary path pays and the input cache comes with it.
+
 The key covers the dataset's manifest hash, each resize / crop op's class and settings, the Pillow and
 torchvision versions (they compute the resize) and :data:`FORMAT_VERSION`. Shards are written atomically
 and a killed build resumes at the first missing one. A transform that does not split so (a custom callable,
@@ -35,13 +41,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from torch.utils.data import Dataset
 
 from bobench.files import atomic_save_npy, config_sha, read_manifest, write_manifest
+from bobench.input_stream import StreamedBuild, shape_error
 
 FORMAT_VERSION = 1  # bump when the layout or the meaning of a key component changes
 SHARD_SIZE = 512  # images per shard file (77 MB at 224 px): the unit of resumption
+#: device types on which an extraction decodes to uint8 in its workers and normalises on the device
+#: (:func:`device_normalised`), and so the input cache's first fill streams (StreamedBuild)
+NORMALISE_ON_DEVICE = frozenset({"cuda", "mps", "xpu"})
+#: readers of the full input cache when the options name none: one on the CPU (its cores run the forward),
+#: four on an accelerator (one reader held ResNet-50 at 4.6k img/s on an H200, four gave 6.7k: BENCHMARKS P5)
+READERS = {"cpu": 1, "accelerator": 4}
 #: resize / crop ops whose output depends only on the image and their public settings (no random draws)
 GEOMETRIC_OPS = frozenset(
     {
@@ -135,6 +148,26 @@ class _Decoded(Dataset):
         return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)), i
 
 
+def _label(dataset: Any, i: int) -> Any:
+    """Item ``i``'s label as the dataset's ``__getitem__`` gives it (an int, or float32 multi-label)."""
+    target = dataset.targets[i]
+    return torch.from_numpy(target.astype(np.float32)) if target.ndim else int(target)
+
+
+class _DecodedLabelled(_Decoded):
+    """``(uint8 [H, W, 3] tensor, label)``: what the first extraction on an accelerator reads (StreamedBuild)."""
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:  # type: ignore[override]
+        return super().__getitem__(i)[0], _label(self.dataset, i)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, Any]]:
+        items = [self[i] for i in indices]
+        for i, (image, _) in zip(indices, items, strict=True):  # before the collate's stack fails on them
+            if image.shape != items[0][0].shape or image.ndim != 3 or image.shape[-1] != 3:
+                raise shape_error(self.dataset, i, tuple(image.shape), tuple(items[0][0].shape))
+        return items
+
+
 def _as_list(batch: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], list[int]]:
     return [image for image, _ in batch], [i for _, i in batch]
 
@@ -187,16 +220,12 @@ class CachedInputs(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _label(self, i: int) -> Any:
-        target = self.dataset.targets[i]
-        return torch.from_numpy(target.astype(np.float32)) if target.ndim else int(target)
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
-        return torch.from_numpy(self.inputs.rows([i])[0]), self._label(i)
+        return torch.from_numpy(self.inputs.rows([i])[0]), _label(self.dataset, i)
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, Any]]:
         rows = torch.from_numpy(self.inputs.rows(indices))
-        return [(rows[b], self._label(i)) for b, i in enumerate(indices)]
+        return [(rows[b], _label(self.dataset, i)) for b, i in enumerate(indices)]
 
 
 class InputStore:
@@ -219,6 +248,24 @@ class InputStore:
             "pillow": PIL.__version__,
             "torchvision": torchvision.__version__,
         }
+
+    def streamed(
+        self, dataset: Any, geometric: Sequence[Any], shard_size: int | None = None
+    ) -> StreamedBuild | None:
+        """A :class:`StreamedBuild` of ``dataset`` under ``geometric``, holding the key's lock; None when the
+        key has a manifest (complete: a hit; partial: :meth:`get_or_build` resumes it) or another process
+        is building it."""
+        fields = self.key_fields(dataset, geometric)
+        key = config_sha(fields)
+        lock = FileLock(str(self.root / f"{key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return None
+        if read_manifest(self.root / key) is not None:
+            lock.release()
+            return None
+        return StreamedBuild(key, fields, self.root / key, dataset, lock, shard_size or SHARD_SIZE)
 
     def get_or_build(
         self, dataset: Any, geometric: Sequence[Any], workers: int, progress: bool = False,
@@ -278,11 +325,7 @@ def _decode(dataset: Any, geometric: Sequence[Any], todo: list[int], size: int, 
                 if shape is None:
                     shape = tuple(image.shape)
                 if tuple(image.shape) != shape or len(shape) != 3 or shape[-1] != 3:
-                    raise ValueError(
-                        f"input cache: image {dataset.item_id(i)} is {tuple(image.shape)} after the resize and "
-                        f"crop, the first was {shape}; the cache stores RGB images of one size (a transform "
-                        "that crops to a fixed size): extract without --input-cache"
-                    )
+                    raise shape_error(dataset, i, tuple(image.shape), shape)
                 pending.setdefault(i // size, []).append((i, image))
             bar.advance(len(index))
             for s in sorted(pending):
@@ -291,28 +334,65 @@ def _decode(dataset: Any, geometric: Sequence[Any], todo: list[int], size: int, 
                     yield s, torch.stack([r for _, r in rows]).numpy()
 
 
-def cached_inputs(
-    dataset: Any, root: str | Path, options: Any
-) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor] | None, dict[str, Any]]:
-    """For an extraction of ``dataset`` (its ``transform`` the backbone's): the dataset to read, the batch
-    conversion to apply on the device, and what to record.
-
-    Returns ``(CachedInputs, Normalise, info)`` when the transform splits, else ``(dataset, None, info)``
-    with ``info["reason"]``. ``options``: an extraction's options (``num_workers``, ``progress``).
-    """
-    split = split_transform(dataset.transform)
-    if not isinstance(split, str) and not all(
-        hasattr(dataset, a) for a in ("load_image", "targets", "item_id")
-    ):
-        split = f"the dataset ({type(dataset).__name__}) does not give its images without the transform"
-    if isinstance(split, str):
-        return dataset, None, {"used": False, "reason": split}
+def default_readers(device_type: str) -> int:
+    """Workers that read the full input cache when the options name none (:data:`READERS`), at most one
+    per spare core."""
     from bobench.distributed import default_workers
 
+    return min(READERS["cpu" if device_type == "cpu" else "accelerator"], max(1, default_workers()))
+
+
+def _splittable(dataset: Any) -> SplitTransform | str:
+    """``dataset``'s transform split, or why its items cannot be made from ``load_image`` and the split."""
+    from bobench.data.dataset import ImageDataset
+
+    split = split_transform(dataset.transform)
+    # an item must be exactly load_image -> transform: a subclass's own __getitem__ may do more
+    if (
+        not isinstance(split, str)
+        and getattr(type(dataset), "__getitem__", None) is not ImageDataset.__getitem__
+    ):
+        return f"the dataset ({type(dataset).__name__}) does not give its images without the transform"
+    return split
+
+
+def device_normalised(dataset: Any) -> tuple[Any, Normalise | None]:
+    """For an extraction on an accelerator without the input cache: a dataset of uint8 images (decoded,
+    resized and cropped in the DataLoader workers) and the :class:`Normalise` to run on the device, or
+    ``(dataset, None)`` when the transform does not split. The workers skip ToTensor and Normalize and the
+    host copies a quarter of the bytes; the model sees the same numbers (BENCHMARKS P5)."""
+    split = _splittable(dataset)
+    if isinstance(split, str):
+        return dataset, None
+    return _DecodedLabelled(dataset, split.geometric), Normalise(split.mean, split.std)
+
+
+def cached_inputs(
+    dataset: Any, root: str | Path, options: Any, device_type: str = "cpu", whole: bool = False
+) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor] | None, dict[str, Any], StreamedBuild | None]:
+    """For an extraction of ``dataset`` (its ``transform`` the backbone's): the dataset to read, the batch
+    conversion to apply on the device, what to record, and the streamed build to feed (or None).
+
+    Returns ``(CachedInputs, Normalise, info, None)`` when the stored inputs are (made) complete here;
+    ``(decoding dataset, Normalise, info, StreamedBuild)`` when the extraction on an accelerator
+    (``device_type`` in :data:`NORMALISE_ON_DEVICE`) of every image (``whole``) is to fill a key nobody has
+    started; ``(dataset, None, info, None)`` with ``info["reason"]`` when the transform does not split.
+    ``options``: an extraction's options (``num_workers``, ``progress``).
+    """
+    split = _splittable(dataset)
+    if isinstance(split, str):
+        return dataset, None, {"used": False, "reason": split}, None
+    from bobench.distributed import default_workers
+
+    store, normalise = InputStore(root), Normalise(split.mean, split.std)
+    sink = store.streamed(dataset, split.geometric) if whole and device_type in NORMALISE_ON_DEVICE else None
+    if sink is not None:
+        sink.info.update(used=True, key=sink.key[:16], hit=False, streamed=True)
+        return _DecodedLabelled(dataset, split.geometric), normalise, sink.info, sink
     # the build only decodes, the main process waits: it gets the main process's core as well
     workers = options.num_workers if options.num_workers is not None else default_workers() + 1
-    inputs = InputStore(root).get_or_build(dataset, split.geometric, workers, options.progress)
+    inputs = store.get_or_build(dataset, split.geometric, workers, options.progress)
     info = {"used": True, "key": inputs.key[:16], "hit": inputs.cache_hit, "shape": list(inputs.shape)}
     if not inputs.cache_hit:
         info["build_s"] = inputs.manifest.get("build_s")
-    return CachedInputs(dataset, inputs), Normalise(split.mean, split.std), info
+    return CachedInputs(dataset, inputs), normalise, info, None
