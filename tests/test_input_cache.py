@@ -315,3 +315,29 @@ def test_on_an_accelerator_the_workers_decode_and_the_device_normalises(
     fs = FeatureStore(tmp_path / "custom").get_or_extract(bb, ds, OPTS)
     assert fs.stats["normalised_on"] == "workers"
     np.testing.assert_array_equal(fs.load()[0], plain.load()[0])
+
+
+def test_an_extraction_does_not_wait_for_another_that_is_filling_the_input_cache(
+    tmp_path: Path, streaming: None
+) -> None:
+    """On an accelerator a second backbone whose input cache another process is filling (as it extracts)
+    decodes for itself instead of idling the device until that extraction ends, and says so."""
+    from filelock import FileLock
+
+    from bobench.files import config_sha
+
+    ds = load_dataset(f"imagefolder:{_folder(tmp_path / 'data')}", split="train")
+    bb = create_backbone("random/timm:test_resnet")
+    plain = FeatureStore(tmp_path / "plain").get_or_extract(bb, ds, OPTS).load()[0]
+    store = FeatureStore(tmp_path / "cache")
+    inputs = InputStore(store.root / "inputs")
+    geometric = split_transform(bb.transform(image_size=48)).geometric
+    other = FileLock(str(inputs.root / f"{config_sha(inputs.key_fields(ds, geometric))}.lock"))
+    with other.acquire(timeout=0):  # "another process" streaming this key
+        fs = store.get_or_extract(bb, ds, STREAMED)
+    assert fs.stats["input_cache"] == {
+        "used": False,
+        "reason": "another process is filling the input cache of this resize",
+    }
+    assert fs.stats["normalised_on"] == "device"
+    np.testing.assert_array_equal(fs.load()[0], plain)

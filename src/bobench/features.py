@@ -304,7 +304,7 @@ class FeatureStore:
             ds, prepare, inputs, sink = cached_inputs(
                 ds, self.root / "inputs", options, placement.device.type, whole=len(indices) == n
             )
-            if prepare is not None and sink is None and options.num_workers is None:  # memory-map reads
+            if inputs["used"] and sink is None and options.num_workers is None:  # memory-map reads
                 from bobench.input_cache import default_readers
 
                 options = dataclasses.replace(options, num_workers=default_readers(placement.device.type))

@@ -267,6 +267,16 @@ class InputStore:
             return None
         return StreamedBuild(key, fields, self.root / key, dataset, lock, shard_size or SHARD_SIZE)
 
+    def building(self, dataset: Any, geometric: Sequence[Any]) -> bool:
+        """Whether another process holds the lock of ``dataset`` under ``geometric`` (is building it)."""
+        lock = FileLock(str(self.root / f"{config_sha(self.key_fields(dataset, geometric))}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return True
+        lock.release()
+        return False
+
     def get_or_build(
         self, dataset: Any, geometric: Sequence[Any], workers: int, progress: bool = False,
         shard_size: int = SHARD_SIZE,
@@ -389,6 +399,10 @@ def cached_inputs(
     if sink is not None:
         sink.info.update(used=True, key=sink.key[:16], hit=False, streamed=True)
         return _DecodedLabelled(dataset, split.geometric), normalise, sink.info, sink
+    if device_type in NORMALISE_ON_DEVICE and store.building(dataset, split.geometric):
+        # another extraction is filling it as it runs: decode here rather than idle the device until it ends
+        info = {"used": False, "reason": "another process is filling the input cache of this resize"}
+        return _DecodedLabelled(dataset, split.geometric), normalise, info, None
     # the build only decodes, the main process waits: it gets the main process's core as well
     workers = options.num_workers if options.num_workers is not None else default_workers() + 1
     inputs = store.get_or_build(dataset, split.geometric, workers, options.progress)
