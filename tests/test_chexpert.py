@@ -309,3 +309,25 @@ def test_battle_of_the_linear_probe_on_chexpert(chexpert: Path, tmp_path: Path) 
     assert config["info"]["selection"] == "val" and len(config["info"]["val_mean_auroc"]) == 4
     preds = pd.read_parquet(config["predictions"])
     assert len(preds) == 5 * N_VALID_PATIENTS and list(preds["label_name"][:5]) == list(LABELS)
+
+
+def test_multilabel_labels_survive_the_device_normalised_path(
+    chexpert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an accelerator the workers send uint8 images and the device normalises (run here on the CPU,
+    treated as one): a multi-label set gives the same features and label matrices as the workers path."""
+    from bobench import create_backbone, input_cache
+    from bobench.features import ExtractOptions, FeatureStore
+
+    ds = load_dataset(f"chexpert:{chexpert}?val_fraction=0.3", split="train")
+    bb = create_backbone("random/timm:test_resnet")
+    options = ExtractOptions(device="cpu", num_workers=0, image_size=32, shard_size=5, progress=False)
+    plain = FeatureStore(tmp_path / "plain").get_or_extract(bb, ds, options)
+    monkeypatch.setattr(input_cache, "NORMALISE_ON_DEVICE", frozenset({"cpu"}))
+    device = FeatureStore(tmp_path / "device").get_or_extract(bb, ds, options)
+    assert (plain.stats["normalised_on"], device.stats["normalised_on"]) == ("workers", "device")
+    (X, y), (Xd, yd) = plain.load(), device.load()
+    np.testing.assert_array_equal(Xd, X)
+    np.testing.assert_array_equal(yd, y)
+    assert yd.shape == (len(ds), 5)
+    np.testing.assert_array_equal(yd, ds.targets)
