@@ -226,15 +226,16 @@ def _inputs_manifest(root: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 
 
+@pytest.mark.parametrize("batch_size", [3, 10])  # batches straddle shards / one batch fills two shards
 def test_a_streamed_first_extraction_stores_what_the_separate_pass_stores(
-    tmp_path: Path, streaming: None
+    tmp_path: Path, streaming: None, batch_size: int
 ) -> None:
     data = _folder(tmp_path / "data")
     ds = load_dataset(f"imagefolder:{data}", split="train")
     n, bb = len(ds), create_backbone("random/timm:test_resnet")
     plain = FeatureStore(tmp_path / "plain").get_or_extract(bb, ds, OPTS).load()[0]
     store = FeatureStore(tmp_path / "cache")
-    fs = store.get_or_extract(bb, ds, STREAMED)
+    fs = store.get_or_extract(bb, ds, dataclasses.replace(STREAMED, batch_size=batch_size))
     info = fs.stats["input_cache"]
     assert info["streamed"] and not info["hit"] and info["shape"] == [48, 48, 3] and info["build_s"] > 0
     np.testing.assert_array_equal(fs.load()[0], plain)
@@ -249,7 +250,7 @@ def test_a_streamed_first_extraction_stores_what_the_separate_pass_stores(
     want = FeatureStore(tmp_path / "plain2").get_or_extract(second, ds, OPTS).load()[0]
     for png in data.rglob("*.png"):
         png.unlink()  # the next backbone reads the stored images
-    fs = store.get_or_extract(second, ds, STREAMED)
+    fs = store.get_or_extract(second, ds, dataclasses.replace(STREAMED, batch_size=batch_size))
     assert fs.stats["input_cache"]["hit"] and "streamed" not in fs.stats["input_cache"]
     np.testing.assert_array_equal(fs.load()[0], want)
 
