@@ -342,3 +342,19 @@ def test_an_extraction_does_not_wait_for_another_that_is_filling_the_input_cache
     }
     assert fs.stats["normalised_on"] == "device"
     np.testing.assert_array_equal(fs.load()[0], plain)
+
+
+def test_the_device_normalised_path_names_an_image_that_does_not_fit_its_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images of different sizes in one batch fail the ordinary path at the collate too; this path names the
+    image and the fix, and does not blame an input cache nobody asked for. One image a batch works."""
+    monkeypatch.setattr(input_cache, "NORMALISE_ON_DEVICE", frozenset({"cpu"}))
+    ds = load_dataset(f"imagefolder:{_folder(tmp_path / 'data')}", split="train")
+    bb = create_backbone("random/timm:test_resnet")
+    norm = T.Normalize(bb.card.mean, bb.card.std)
+    bb.transform = lambda train=False, image_size=None: T.Compose([T.Resize(40), T.ToTensor(), norm])
+    with pytest.raises(ValueError, match=r"^image train/a/2\.png is \(40, 40, 3\) .* or --batch-size 1$"):
+        FeatureStore(tmp_path / "c").get_or_extract(bb, ds, dataclasses.replace(OPTS, batch_size=3))
+    fs = FeatureStore(tmp_path / "c").get_or_extract(bb, ds, dataclasses.replace(OPTS, batch_size=1))
+    assert fs.stats["normalised_on"] == "device" and len(fs.load()[0]) == len(ds)

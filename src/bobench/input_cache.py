@@ -155,7 +155,12 @@ def _label(dataset: Any, i: int) -> Any:
 
 
 class _DecodedLabelled(_Decoded):
-    """``(uint8 [H, W, 3] tensor, label)``: what the first extraction on an accelerator reads (StreamedBuild)."""
+    """``(uint8 [H, W, 3] tensor, label)``: what an extraction on an accelerator reads (``cached``: one that
+    fills the input cache, :class:`~bobench.input_stream.StreamedBuild`)."""
+
+    def __init__(self, dataset: Any, geometric: Sequence[Any], cached: bool) -> None:
+        super().__init__(dataset, geometric)
+        self.cached = cached
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:  # type: ignore[override]
         return super().__getitem__(i)[0], _label(self.dataset, i)
@@ -164,7 +169,7 @@ class _DecodedLabelled(_Decoded):
         items = [self[i] for i in indices]
         for i, (image, _) in zip(indices, items, strict=True):  # before the collate's stack fails on them
             if image.shape != items[0][0].shape or image.ndim != 3 or image.shape[-1] != 3:
-                raise shape_error(self.dataset, i, tuple(image.shape), tuple(items[0][0].shape))
+                raise shape_error(self.dataset, i, tuple(image.shape), tuple(items[0][0].shape), self.cached)
         return items
 
 
@@ -374,7 +379,7 @@ def device_normalised(dataset: Any) -> tuple[Any, Normalise | None]:
     split = _splittable(dataset)
     if isinstance(split, str):
         return dataset, None
-    return _DecodedLabelled(dataset, split.geometric), Normalise(split.mean, split.std)
+    return _DecodedLabelled(dataset, split.geometric, cached=False), Normalise(split.mean, split.std)
 
 
 def cached_inputs(
@@ -398,11 +403,11 @@ def cached_inputs(
     sink = store.streamed(dataset, split.geometric) if whole and device_type in NORMALISE_ON_DEVICE else None
     if sink is not None:
         sink.info.update(used=True, key=sink.key[:16], hit=False, streamed=True)
-        return _DecodedLabelled(dataset, split.geometric), normalise, sink.info, sink
+        return _DecodedLabelled(dataset, split.geometric, cached=True), normalise, sink.info, sink
     if device_type in NORMALISE_ON_DEVICE and store.building(dataset, split.geometric):
         # another extraction is filling it as it runs: decode here rather than idle the device until it ends
         info = {"used": False, "reason": "another process is filling the input cache of this resize"}
-        return _DecodedLabelled(dataset, split.geometric), normalise, info, None
+        return _DecodedLabelled(dataset, split.geometric, cached=False), normalise, info, None
     # the build only decodes, the main process waits: it gets the main process's core as well
     workers = options.num_workers if options.num_workers is not None else default_workers() + 1
     inputs = store.get_or_build(dataset, split.geometric, workers, options.progress)

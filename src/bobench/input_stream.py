@@ -20,8 +20,17 @@ from filelock import FileLock
 from bobench.files import atomic_save_npy, write_manifest
 
 
-def shape_error(dataset: Any, i: int, shape: tuple[int, ...], first: tuple[int, ...]) -> ValueError:
-    """The error for image ``i`` of ``dataset``, ``shape`` after the resize and crop where the first was ``first``."""
+def shape_error(
+    dataset: Any, i: int, shape: tuple[int, ...], first: tuple[int, ...], cached: bool = True
+) -> ValueError:
+    """The error for image ``i`` of ``dataset``, ``shape`` after the resize and crop where the first was
+    ``first``: of the input cache (``cached``), or of one batch of the device-normalised path."""
+    if not cached:
+        return ValueError(
+            f"image {dataset.item_id(i)} is {shape} after the resize and crop, the first of its batch was "
+            f"{first}; a batch holds images of one size: use a transform that crops to a fixed size, or "
+            "--batch-size 1"
+        )
     return ValueError(
         f"input cache: image {dataset.item_id(i)} is {shape} after the resize and crop, the first was "
         f"{first}; the cache stores RGB images of one size (a transform that crops to a fixed size): "
