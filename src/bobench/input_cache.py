@@ -262,10 +262,8 @@ class InputStore:
         is building it."""
         fields = self.key_fields(dataset, geometric)
         key = config_sha(fields)
-        lock = FileLock(str(self.root / f"{key}.lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
+        lock = self._try_lock(key)
+        if lock is None:
             return None
         if read_manifest(self.root / key) is not None:
             lock.release()
@@ -274,13 +272,24 @@ class InputStore:
 
     def building(self, dataset: Any, geometric: Sequence[Any]) -> bool:
         """Whether another process holds the lock of ``dataset`` under ``geometric`` (is building it)."""
-        lock = FileLock(str(self.root / f"{config_sha(self.key_fields(dataset, geometric))}.lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
+        lock = self._try_lock(config_sha(self.key_fields(dataset, geometric)))
+        if lock is None:
             return True
         lock.release()
         return False
+
+    def _lock(self, key: str) -> FileLock:
+        """The lock of ``key``, held by the one process building it."""
+        return FileLock(str(self.root / f"{key}.lock"))
+
+    def _try_lock(self, key: str) -> FileLock | None:
+        """``key``'s lock, acquired, or None when another process holds it (never waits)."""
+        lock = self._lock(key)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return None
+        return lock
 
     def get_or_build(
         self, dataset: Any, geometric: Sequence[Any], workers: int, progress: bool = False,
@@ -290,7 +299,7 @@ class InputStore:
         fields = self.key_fields(dataset, geometric)
         key = config_sha(fields)
         folder = self.root / key
-        with FileLock(str(self.root / f"{key}.lock")):
+        with self._lock(key):
             manifest = read_manifest(folder)
             if manifest is not None and manifest.get("complete"):
                 return InputSet(key, folder, manifest, cache_hit=True)

@@ -85,11 +85,12 @@ class StreamedBuild:
         self._seen += len(rows)
         size, n = self.manifest["shard_size"], self.manifest["n"]
         while len(rows):
-            need = min((self._shard + 1) * size, n) - self._shard * size - self._filled
-            self._parts.append(rows[:need])
-            self._filled += len(rows[:need])
-            rows = rows[need:]
-            if self._filled == min((self._shard + 1) * size, n) - self._shard * size:
+            shard_len = min((self._shard + 1) * size, n) - self._shard * size
+            take = rows[: shard_len - self._filled]
+            self._parts.append(take)
+            self._filled += len(take)
+            rows = rows[len(take) :]
+            if self._filled == shard_len:
                 while sum(not w.done() for w in self._writes) >= self.MAX_PENDING:
                     next(w for w in self._writes if not w.done()).result()
                 self._writes.append(self._writer.submit(self._write, self._shard, self._parts))
