@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.bench_train import cpu_seconds
-from benchmarks.common import measure_quiet, patches13_jpegs, save
+from benchmarks.common import fresh_features, measure_quiet, patches13_jpegs, save
 from bobench import create_backbone, load_dataset
 from bobench.features import ExtractOptions, FeatureStore
 
@@ -84,14 +84,10 @@ def bench_point(model: str, image_size: int | None, data: Path, args: argparse.N
     def run(side: str) -> dict[str, Any]:
         if side == "bare":
             return timed(lambda: bare_loop(bb, ds, opts, image_size))
-        root, shared = work / f"features-{side}", work / "shared-inputs"
-        shutil.rmtree(root, ignore_errors=True)
-        if side == "first":  # an empty input cache; "reuse" finds the one the last "first" filled
-            shutil.rmtree(shared, ignore_errors=True)
-        if side != "ordinary":  # both read or fill one input cache, beside the (fresh) feature folders
-            root.mkdir(parents=True)
-            shared.mkdir(exist_ok=True)
-            (root / "inputs").symlink_to(shared, target_is_directory=True)
+        # first and reuse read or fill one input cache beside fresh feature folders; first empties it, and
+        # reuse finds the one the last first filled
+        shared = None if side == "ordinary" else work / "shared-inputs"
+        root = fresh_features(work / f"features-{side}", shared, empty_inputs=side == "first")
         found: dict[str, Any] = {}
 
         def extract() -> dict[str, Any]:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.common import best_of, patches13_jpegs, save
+from benchmarks.common import best_of, fresh_features, patches13_jpegs, save
 from bobench import create_backbone, load_dataset
 from bobench.features import ExtractOptions, FeatureStore
 
@@ -143,15 +143,11 @@ def main(argv: list[str] | None = None) -> dict:
         def ours(
             side: str = "ordinary", bb=bb, ds=ds, opts=opts, inputs=inputs, last=last, name=name
         ) -> None:
-            folder = work / f"features-{side}"
-            shutil.rmtree(folder, ignore_errors=True)
+            # the feature folder is fresh; its input cache is this model's shared one (emptied by "first")
+            shared = None if side == "ordinary" else inputs
+            folder = fresh_features(work / f"features-{side}", shared, empty_inputs=side == "first")
             run_opts = opts
-            if side != "ordinary":  # the feature folder is fresh; its input cache is this model's shared one
-                if side == "first":
-                    shutil.rmtree(inputs, ignore_errors=True)
-                inputs.mkdir(exist_ok=True)
-                folder.mkdir()
-                (folder / "inputs").symlink_to(inputs, target_is_directory=True)
+            if side != "ordinary":
                 workers = {"first": args.workers, "reuse": None, "reuse_w": args.reuse_workers}[side]
                 run_opts = dataclasses.replace(opts, input_cache=True, num_workers=workers)
             fs = FeatureStore(folder).get_or_extract(bb, ds, run_opts)

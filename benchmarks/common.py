@@ -90,6 +90,22 @@ def extract_patches13(backbone: str, image_size: int | None, prefix: str):
     return bb, store, opts, feats, time.perf_counter() - t0
 
 
+def fresh_features(folder: Path, inputs: Path | None = None, empty_inputs: bool = False) -> Path:
+    """``folder`` emptied for a new feature cache. With ``inputs``, its input cache (``folder/inputs``) is
+    that shared folder, emptied first when ``empty_inputs``: every run of the input-cache benchmarks
+    extracts into fresh feature folders while one input cache is filled once and reused."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    if inputs is not None:
+        if empty_inputs:
+            shutil.rmtree(inputs, ignore_errors=True)
+        inputs.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True)
+        (folder / "inputs").symlink_to(inputs, target_is_directory=True)
+    return folder
+
+
 def patches13_jpegs(root: Path, copies: int, size: tuple[int, int] | None = None) -> Path:
     """patches13 (all splits) as JPEG class folders (quality 90), each crop written ``copies`` times,
     resized (bicubic) to ``size`` ``(W, H)`` first when given (e.g. a photo's 500 x 375)."""
