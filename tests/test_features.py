@@ -120,6 +120,43 @@ def test_bf16_on_cpu_is_opt_in_and_close(tmp_path: Path) -> None:
     assert cos.min() > 0.97
 
 
+@pytest.mark.parametrize("native", [True, False, None])
+def test_cpu_bf16_warns_only_where_the_cpu_emulates_it(monkeypatch: pytest.MonkeyPatch, native) -> None:
+    """bf16 on an x86 CPU without AVX512-BF16 or AMX is emulated (5-9x slower than fp32): the user is told
+    once, by name, with the fix; where bf16 is native, or the probe cannot tell, nothing is said."""
+    import warnings
+
+    from bobench import device
+
+    monkeypatch.setattr(device, "cpu_bf16_native", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        placement = device.resolve_placement("cpu", "bf16")
+        device.resolve_placement("cpu", "fp32")
+    assert placement.precision == "bf16" and placement.autocast == torch.bfloat16  # a warning, not a refusal
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if native is False:
+        assert len(said) == 1 and "without AVX512-BF16 or AMX" in said[0] and "--precision fp32" in said[0]
+    else:
+        assert said == []
+
+
+def test_cpu_bf16_probe_agrees_with_proc_cpuinfo() -> None:
+    """The probe is torch's; on Linux x86 /proc/cpuinfo's flags are a second reading of the same CPU."""
+    import platform
+
+    from bobench.device import cpu_bf16_native
+
+    info = Path("/proc/cpuinfo")
+    if platform.machine() != "x86_64" or not info.is_file():
+        pytest.skip("needs Linux on x86_64")
+    flags = set(next(line for line in info.read_text().splitlines() if line.startswith("flags")).split())
+    if "avx512_bf16" in flags:
+        assert cpu_bf16_native() is True
+    elif "amx_bf16" not in flags:  # AMX also needs the kernel's permission: that case is torch's to judge
+        assert cpu_bf16_native() is False
+
+
 def test_device_errors() -> None:
     from bobench.device import resolve_placement
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +66,30 @@ def resolve_placement(device: str = "auto", precision: str = "auto") -> Placemen
     autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     if dev.type == "cpu" and precision == "fp16":
         raise ValueError("fp16 autocast is not supported on the CPU; use bf16 or fp32")
+    if dev.type == "cpu" and precision == "bf16" and cpu_bf16_native() is False:
+        warnings.warn(
+            "--precision bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated there and runs several "
+            "times slower than fp32 (BENCHMARKS.md P12); use --precision fp32 on this machine",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return Placement(dev, autocast, precision)
+
+
+def cpu_bf16_native() -> bool | None:
+    """Whether this CPU runs bf16 matrix products natively (x86 AVX512-BF16 or AMX), per torch's own probe.
+
+    None where that cannot be told (a CPU other than x86, or a torch without the probe): on an x86 CPU
+    without either, oneDNN emulates bf16 and it is 5-9x slower than fp32 (measured, BENCHMARKS.md P12).
+    """
+    if platform.machine().lower() not in {"x86_64", "amd64", "i386", "i686"}:
+        return None
+    probes = [
+        getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
+    if any(p is None for p in probes):
+        return None
+    return any(bool(p()) for p in probes)
 
 
 def reset_peak_memory(device: torch.device) -> None:
