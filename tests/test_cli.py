@@ -117,6 +117,25 @@ def test_features_extract_then_cache_hit(tmp_path: Path) -> None:
     assert first["n"] == 359 and first["dim"] == 1280 and first["device"] == "cpu"
 
 
+def test_cpu_bf16_where_emulated_warns_in_one_line_and_still_runs(tmp_path: Path) -> None:
+    """The user asked for bf16 on a CPU that emulates it (forced here: this machine may have AVX512-BF16): one
+    ``warning:`` line that names the fix, the features extracted in bf16, exit 0."""
+    code = (
+        "import sys; from bobench import device; device.cpu_bf16_native = lambda: False;"
+        "from bobench.cli.main import main;"
+        "sys.exit(main(['features', 'extract', '-b', 'random/mobilenetv2_100', '-d', 'digits', '--split', 'val',"
+        f"'--image-size', '32', '--precision', 'bf16', '--cache-dir', {str(tmp_path)!r}, '--json']))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
+    env.pop("BOBENCH_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "bf16" in line]
+    assert len(said) == 1 and said[0].startswith("warning: --precision bf16 on a CPU without AVX512-BF16")
+    assert "--precision fp32" in said[0] and "features.py" not in proc.stderr
+    assert json.loads(proc.stdout)[0]["precision"] == "bf16"
+
+
 def test_results_export(tmp_path: Path) -> None:
     from bobench.metrics import Metric
     from bobench.store import Cell, ResultStore

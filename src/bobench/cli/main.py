@@ -393,12 +393,17 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app and turn library errors into one clear line (exit code 2).
+    """Entry point: run the app and turn library errors into one clear line (exit code 2), warnings into one
+    ``warning: ...`` line each.
 
-    Set ``BOBENCH_DEBUG=1`` to see full tracebacks instead.
+    Set ``BOBENCH_DEBUG=1`` to see full tracebacks and where each warning came from instead.
     """
+    import warnings
+
     from bobench.distributed import exit_code
 
+    if not os.environ.get("BOBENCH_DEBUG"):  # a warning in one line, as an error is
+        warnings.formatwarning = lambda message, *_: f"warning: {message}\n"
     _argv[:] = sys.argv[1:] if argv is None else list(argv)
     return exit_code(*_dispatch(argv))
 
