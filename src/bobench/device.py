@@ -71,7 +71,7 @@ def resolve_placement(device: str = "auto", precision: str = "auto") -> Placemen
             "--precision bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated there and runs several "
             "times slower than fp32 (BENCHMARKS.md P12); use --precision fp32 on this machine",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=1,  # raised here, not at the caller: Python's default filter then says it once a process
         )
     return Placement(dev, autocast, precision)
 
