@@ -145,6 +145,12 @@ def test_maps_match_direct_forward_and_hit_cache(tmp_path: Path, mnist, spec, ma
     np.testing.assert_array_equal(ms.mask_batch(torch.as_tensor(idx)).numpy(), expected.astype(np.int64))
     stats = ms.stats
     assert stats["device"] == "cpu" and stats["precision"] == "fp32" and stats["img_per_s"] > 0
+    trials = [
+        int(k) for k in stats["chunk_trials_ms_per_image"]
+    ]  # the CPU's chunk search ran and is recorded
+    assert stats["chunk_tuned"] is (len(trials) > 0) and stats["forward_chunk"] in (
+        trials or [stats["batch_size"]]
+    )
 
     files = {p.name: p.stat().st_mtime_ns for p in ms.path.iterdir()}
     calls = count_backbone_calls(model, monkeypatch)

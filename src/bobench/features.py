@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from filelock import FileLock
 
+from bobench.chunking import ChunkedForward
 from bobench.files import atomic_save_npy, config_sha, read_manifest, write_manifest
 from bobench.files import atomic_write_bytes as atomic_write_bytes  # re-exported: its old home
 from bobench.options import RunOptions
@@ -62,11 +63,14 @@ class ExtractOptions:
     Attributes:
         device: ``auto`` | ``cpu`` | ``cuda[:N]`` | ``mps``.
         precision: ``auto`` (mixed precision on GPUs, fp32 on CPU) | ``fp32`` | ``fp16`` | ``bf16``.
-        batch_size: images per forward; halved automatically on out-of-memory.
+        batch_size: images per loader batch (see ``forward_chunk``).
         num_workers: DataLoader workers (None: one per spare core, at most 8; reading a full input cache,
             one on the CPU and four on an accelerator).
         image_size: override the card's input size (e.g. 64 or 112 px in tests).
         shard_size: samples per shard file (the unit of resumption).
+        forward_chunk: images per model call (:mod:`bobench.chunking`): None measures the fastest on the
+            CPU (a power-of-two fraction of the batch) and uses the whole batch on accelerators; halved on
+            out-of-memory either way. Recorded in the stats with the trials.
         channels_last: None lets the backbone decide (CNNs: yes).
         progress: show a progress bar (only on a terminal).
         input_cache: read the images pre-resized from :mod:`bobench.input_cache` (decoded and resized once
@@ -84,6 +88,7 @@ class ExtractOptions:
     num_workers: int | None = None
     image_size: int | None = None
     shard_size: int = 8192
+    forward_chunk: int | None = None
     channels_last: bool | None = None
     progress: bool = True
     input_cache: bool = False
@@ -99,6 +104,7 @@ class ExtractOptions:
             channels_last=options.channels_last,
             progress=options.progress,
             input_cache=options.input_cache,
+            forward_chunk=options.forward_chunk,
             **extra,
         )
 
@@ -157,13 +163,6 @@ class FeatureSet:
             else np.zeros((0, self.dim))
         )
         return feats.astype(np.float32, copy=False), self.labels
-
-
-def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is an accelerator out-of-memory error (retry with a smaller batch)."""
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def extraction_memory_format(backbone: Any, options: RunOptions) -> torch.memory_format:
@@ -313,8 +312,9 @@ class FeatureStore:
 
             if placement.device.type in NORMALISE_ON_DEVICE:
                 ds, prepare = device_normalised(ds)
+        chunked = ChunkedForward(options.batch_size, placement.device.type, options.forward_chunk)
         for index, feats, labels in self._run(
-            backbone, ds, indices, todo, size, n, options, placement, prepare, sink
+            backbone, ds, indices, todo, size, n, options, placement, chunked, prepare, sink
         ):
             name = f"shard-{index:05d}"
             atomic_save_npy(folder / f"{name}.npy", feats)
@@ -333,6 +333,7 @@ class FeatureStore:
             "device": str(placement.device),
             "precision": placement.precision,
             "batch_size": options.batch_size,
+            **chunked.stats(),
             "peak_mem_mb": peak_memory_mb(placement.device),
             "resumed_shards": len(done),
             "input_cache": inputs,
@@ -359,10 +360,13 @@ class FeatureStore:
         if pending is not None:
             yield pending[0].cpu(), pending[1]
 
-    def _run(self, backbone, ds, indices, todo, size, n, options, placement, prepare=None, sink=None):
+    def _run(
+        self, backbone, ds, indices, todo, size, n, options, placement, chunked, prepare=None, sink=None
+    ):
         """Yield ``(shard index, features, labels)`` for each shard in ``todo``, in order; ``prepare`` turns
         a batch of the input cache's uint8 images into the model's input on the device; ``sink`` (a
-        :class:`~bobench.input_cache.StreamedBuild`) stores each decoded batch as the input cache."""
+        :class:`~bobench.input_cache.StreamedBuild`) stores each decoded batch as the input cache;
+        ``chunked`` (a :class:`~bobench.chunking.ChunkedForward`) runs each batch through the model."""
         from contextlib import nullcontext
 
         import torch
@@ -377,31 +381,22 @@ class FeatureStore:
         if memory_format == torch.channels_last:
             model = model.to(memory_format=memory_format)
         loader = extraction_loader(Subset(ds, indices), options, placement)
-        fwd_bs = options.batch_size
         shard_iter = iter(todo)
         current = next(shard_iter, None)
         buf_f: list[np.ndarray] = []
         buf_l: list[np.ndarray] = []
         filled = 0
 
+        def embed(chunk: torch.Tensor) -> torch.Tensor:
+            if prepare is not None:  # uint8 to the device, converted there
+                chunk = prepare(chunk.to(placement.device, non_blocking=True))
+            chunk = chunk.to(placement.device, non_blocking=True, memory_format=memory_format)
+            with placement.autocast_context():
+                return model.embed(chunk).float()
+
         def forward(x: torch.Tensor) -> torch.Tensor:
-            nonlocal fwd_bs
-            while True:
-                try:
-                    outs = []
-                    for chunk in x.split(fwd_bs):
-                        if prepare is not None:  # uint8 to the device, converted there
-                            chunk = prepare(chunk.to(placement.device, non_blocking=True))
-                        chunk = chunk.to(placement.device, non_blocking=True, memory_format=memory_format)
-                        with placement.autocast_context():
-                            outs.append(model.embed(chunk).float())
-                    return torch.cat(outs) if len(outs) > 1 else outs[0]
-                except (torch.OutOfMemoryError, RuntimeError) as exc:
-                    if not is_oom(exc) or fwd_bs == 1:
-                        raise
-                    fwd_bs = max(1, fwd_bs // 2)  # back off and retry this batch
-                    if placement.device.type == "cuda":
-                        torch.cuda.empty_cache()
+            outs = chunked(x, embed)
+            return torch.cat(outs) if len(outs) > 1 else outs[0]
 
         with (
             torch.inference_mode(),

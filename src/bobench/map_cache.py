@@ -52,8 +52,9 @@ import numpy as np
 import torch
 from filelock import FileLock
 
+from bobench.chunking import ChunkedForward
 from bobench.device import Placement, peak_memory_mb, resolve_placement
-from bobench.features import extraction_loader, extraction_memory_format, is_oom
+from bobench.features import extraction_loader, extraction_memory_format
 from bobench.files import config_sha, write_manifest
 from bobench.map_set import (
     DTYPES,
@@ -257,9 +258,9 @@ class MapStore:
         t0 = time.perf_counter()
         batches = self._run(model, ds, size, options, placement, np_dtype)
         try:
-            written, fwd_bs = 0, options.batch_size
-            for maps, masks, hw, bs in batches:
-                b, fwd_bs = len(hw), bs
+            written, chunking = 0, {}
+            for maps, masks, hw, chunk_stats in batches:
+                b, chunking = len(hw), chunk_stats
                 if not arrays:  # the map shapes are known from the first batch on
                     shapes = [tuple(m.shape[1:]) for m in maps]
                     need = n * (
@@ -336,7 +337,7 @@ class MapStore:
                 "device": str(placement.device),
                 "precision": placement.precision,
                 "batch_size": options.batch_size,
-                "forward_batch_size": fwd_bs,
+                **chunking,
                 "channels_last": extraction_memory_format(model.backbone, options) == torch.channels_last,
                 "peak_mem_mb": peak_memory_mb(placement.device),
                 "bytes": sum((folder / name).stat().st_size for name in files),
@@ -354,8 +355,8 @@ class MapStore:
         options: RunOptions,
         placement: Placement,
         np_dtype: type[np.floating],
-    ) -> Iterator[tuple[list[np.ndarray], np.ndarray, np.ndarray, int]]:
-        """Yield ``(maps on the CPU in the storage dtype, masks uint8, sizes, forward batch size)`` per
+    ) -> Iterator[tuple[list[np.ndarray], np.ndarray, np.ndarray, dict[str, Any]]]:
+        """Yield ``(maps on the CPU in the storage dtype, masks uint8, sizes, chunking stats so far)`` per
         batch, in item order."""
         from bobench.data.errors import worker_errors_unwrapped
         from bobench.progress import progress_bar
@@ -367,44 +368,40 @@ class MapStore:
             backbone.to(memory_format=memory_format)
         loader = extraction_loader(ResizedForMaps(ds, size), options, placement)
         store_dtype = torch.float16 if np_dtype is np.float16 else torch.float32
-        fwd_bs = options.batch_size
+        chunked = ChunkedForward(options.batch_size, placement.device.type, options.forward_chunk)
+
+        def chunk_maps(chunk: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+            """One chunk's maps in the storage dtype (each chunk's full-precision maps are freed before the
+            next runs) and its float16 overflow flag."""
+            chunk = chunk.to(placement.device, non_blocking=True, memory_format=memory_format)
+            with placement.autocast_context():
+                maps = model.backbone_maps(chunk)
+            stored = [m.to(store_dtype) for m in maps]
+            overflow: torch.Tensor | None = None
+            if store_dtype == torch.float16:
+                for m, h in zip(maps, stored, strict=True):
+                    o = (torch.isinf(h) & torch.isfinite(m)).any()
+                    overflow = o if overflow is None else overflow | o
+            return stored, overflow
 
         def forward(x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
             """Maps of ``x`` on the device, already in the storage dtype (half the copy to the host),
             and a flag tensor for float16 overflow (read one batch later, not to stall the device)."""
-            nonlocal fwd_bs
-            while True:
-                try:
-                    chunks: list[list[torch.Tensor]] = []
-                    overflow: torch.Tensor | None = None
-                    for chunk in x.split(fwd_bs):
-                        chunk = chunk.to(placement.device, non_blocking=True, memory_format=memory_format)
-                        with placement.autocast_context():
-                            maps = model.backbone_maps(chunk)
-                        stored = [m.to(store_dtype) for m in maps]
-                        if store_dtype == torch.float16:
-                            for m, h in zip(maps, stored, strict=True):
-                                o = (torch.isinf(h) & torch.isfinite(m)).any()
-                                overflow = o if overflow is None else overflow | o
-                        chunks.append(stored)
-                    if len(chunks) == 1:
-                        return chunks[0], overflow
-                    return [torch.cat(parts) for parts in zip(*chunks, strict=True)], overflow
-                except (torch.OutOfMemoryError, RuntimeError) as exc:
-                    if not is_oom(exc) or fwd_bs == 1:
-                        raise
-                    fwd_bs = max(1, fwd_bs // 2)  # back off and retry this batch
-                    if placement.device.type == "cuda":
-                        torch.cuda.empty_cache()
+            chunks = chunked(x, chunk_maps)
+            flags = [o for _, o in chunks if o is not None]
+            overflow = torch.stack(flags).any() if flags else None
+            if len(chunks) == 1:
+                return chunks[0][0], overflow
+            return [torch.cat(parts) for parts in zip(*(c[0] for c in chunks), strict=True)], overflow
 
-        def host(pending: tuple) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, int]:
+        def host(pending: tuple) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, dict[str, Any]]:
             maps, overflow, masks, hw = pending
             if overflow is not None and bool(overflow):
                 raise ValueError(
                     f"{backbone.card.name}'s maps exceed float16's range (65504); cache them with "
                     'dtype="float32"'
                 )
-            return [m.cpu().numpy() for m in maps], masks.numpy(), hw.numpy(), fwd_bs
+            return [m.cpu().numpy() for m in maps], masks.numpy(), hw.numpy(), chunked.stats()
 
         with (
             torch.inference_mode(),

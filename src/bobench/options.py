@@ -20,7 +20,7 @@ class RunOptions:
     Attributes:
         device: ``auto`` | ``cpu`` | ``cuda[:N]`` | ``mps``; ``auto`` picks CUDA, then MPS, then the CPU.
         precision: ``auto`` (mixed precision on GPUs, fp32 on the CPU) | ``fp32`` | ``fp16`` | ``bf16``.
-        batch_size: images per forward pass (extraction halves it on out-of-memory).
+        batch_size: images per batch (frozen extraction runs it through the model in ``forward_chunk``s).
         num_workers: DataLoader workers (None: one per spare core, at most 8).
         channels_last: None lets the backbone decide (CNNs: yes).
         progress: show progress bars (only ever on a terminal).
@@ -30,6 +30,9 @@ class RunOptions:
         input_cache: frozen-feature extraction reads images decoded and resized once per dataset and
             resize/crop (:mod:`bobench.input_cache`, under the feature cache), shared by every backbone
             that resizes alike; the features are the same. Opt-in: it stores the resized images on disk.
+        forward_chunk: images per model call in frozen extraction (features and maps,
+            :mod:`bobench.chunking`): None measures the fastest fraction of the batch on the CPU and uses
+            the whole batch on accelerators; halved on out-of-memory either way.
 
     Example:
         >>> RunOptions(device="cpu").replace(batch_size=32).batch_size
@@ -45,6 +48,7 @@ class RunOptions:
     compile: bool = False
     checkpoint_minutes: float | None = 10.0
     input_cache: bool = False
+    forward_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -55,6 +59,12 @@ class RunOptions:
             or self.num_workers < 0
         ):
             raise ValueError(f"num_workers must be None or an integer >= 0, got {self.num_workers!r}")
+        if self.forward_chunk is not None and (
+            isinstance(self.forward_chunk, bool)
+            or not isinstance(self.forward_chunk, int)
+            or self.forward_chunk < 1
+        ):
+            raise ValueError(f"forward_chunk must be None or an integer >= 1, got {self.forward_chunk!r}")
 
     def replace(self, **changes: Any) -> RunOptions:
         """A copy with ``changes`` applied (the object itself is frozen)."""
