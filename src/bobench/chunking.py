@@ -19,11 +19,13 @@ A loader batch goes through the model in chunks of ``size`` images. Two things s
   trials, and a search from near the optimum costs two or three batches.
 
 A chunk's size is not part of any cache key: it changes at most the floating-point rounding of an image's
-features (a kernel may block differently for another batch size). On the 2-core EPYC the features of
-MobileNetV2, EfficientNet-B0 and -Lite0, ResNet-50, ConvNeXt-T, ViT-Ti and -S and Swin-T in chunks of 2, 4
-and 8 were bit-equal to those of a batch of 16; in chunks of 1 they were not for the three depthwise
-networks (up to 4e-6 relative), so the search never goes below ``_MIN_SEARCH`` images. The size used and the
-trials are recorded in the extraction's stats.
+features, as a batch size does (a kernel may block differently for another number of images). On the 2-core
+EPYC, chunks of 2, 4 and 8 at 224 px gave features bit-equal to a batch of 16 for MobileNetV2,
+EfficientNet-B0 and -Lite0, ResNet-50, ConvNeXt-T, ViT-Ti and -S and Swin-T; but MobileNetV2 at 64 px in
+chunks of 2 differed by up to 8e-6 (absolute, on features of about 0.1), and chunks of 1 differed for the
+depthwise networks at both sizes. So two extractions whose searches keep different sizes may differ in the
+last bits; a fixed ``forward_chunk`` makes repeated runs bit-equal. The search never goes below
+``_MIN_SEARCH`` images. The size used and the trials are recorded in the extraction's stats.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ T = TypeVar("T")
 _GAIN = 0.03
 #: input pixels in the chunk the search starts from (see the module docstring)
 _START_PIXELS = 2**18
-#: the search never tries fewer images than this: one image at a time is never the fastest on the machines
-#: measured, and it is the one size whose features were not bit-equal to the whole batch's (module docstring)
+#: the search never tries fewer images than this: one image at a time was never the fastest where measured,
+#: and it changed the features' last bits most often (module docstring)
 _MIN_SEARCH = 2
 
 

@@ -200,7 +200,7 @@ _CACHE = Annotated[
 ]
 _DEVICE = Annotated[str, typer.Option(help="auto | cpu | cuda[:N] | mps")]
 _PRECISION = Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16")]
-_BATCH = Annotated[int, typer.Option(min=1, help="Images per forward (halved on OOM).")]
+_BATCH = Annotated[int, typer.Option(min=1, help="Images per batch (CPU: run in chunks of a timed size).")]
 _WORKERS = Annotated[int | None, typer.Option(min=0, help="DataLoader workers (default: spare cores).")]
 _FORCE = Annotated[bool, typer.Option("--force", help="Redo cells that are already in the database.")]
 _DRY = Annotated[
