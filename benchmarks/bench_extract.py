@@ -5,7 +5,7 @@ workers; the baseline is the loop a careful user writes by hand (NCHW, no extras
 extractor adds channels_last for CNNs and writes the cache shards; its time includes writing them.
 Target: ≥ 1.0× everywhere and ≥ 1.3× on CNNs.
 
-    python -m benchmarks.bench_extract [--quick] [--models NAME ...] [--paired-rounds N]
+    python -m benchmarks.bench_extract [--quick] [--models NAME ...] [--paired-rounds N] [--forward-chunk N]
 
 ``--paired-rounds N`` times N rounds of (bare loop, then bobench) back to back instead of best-of-2 per
 side, and reports the median of the N per-round ratios (and their range): on shared cores the noise between
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--models", nargs="+", default=MODELS, help="backbone names (default: the three above)")
     ap.add_argument("--paired-rounds", type=int, default=0, help="N paired rounds, median ratio (see above)")
+    ap.add_argument(
+        "--forward-chunk", type=int, default=None, help="bobench's chunk size (default: measured on the CPU)"
+    )
     args = ap.parse_args(argv)
     split, repeats = ("val", 1) if args.quick else ("train", 2)
     rows = []
@@ -54,11 +57,18 @@ def main(argv: list[str] | None = None) -> dict:
         bb = create_backbone(name)
         ds = load_dataset("patches13", split=split)
         opts = ExtractOptions(
-            batch_size=args.batch_size, num_workers=args.workers, progress=False, device="cpu"
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            progress=False,
+            device="cpu",
+            forward_chunk=args.forward_chunk,
         )
 
-        def ours(bb=bb, ds=ds, opts=opts) -> None:
-            FeatureStore(tempfile.mkdtemp(prefix="bench-extract-")).get_or_extract(bb, ds, opts)
+        chunks: list[int] = []  # the chunk size each bobench run used (measured or fixed)
+
+        def ours(bb=bb, ds=ds, opts=opts, chunks=chunks) -> None:
+            fs = FeatureStore(tempfile.mkdtemp(prefix="bench-extract-")).get_or_extract(bb, ds, opts)
+            chunks.append(fs.manifest["stats"]["forward_chunk"])
 
         def bare(bb=bb, ds=ds) -> None:
             # NCHW, as a user's model is: bobench's extractor leaves a CNN in channels_last
@@ -83,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
             "bobench_img_per_s": len(ds) / t_ours,
             "speedup": speedup,
             "paired_round_ratios": [b / o for b, o in rounds],
+            "bobench_forward_chunks": chunks,
             "target": 1.3 if bb.card.family == "cnn" else 1.0,
         }
         rows.append(row)
@@ -94,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
         if rounds:
             r = row["paired_round_ratios"]
             print(
-                f"  {len(r)} paired rounds: {min(r):.2f}-{max(r):.2f}x ({', '.join(f'{x:.3f}' for x in r)})"
+                f"  {len(r)} paired rounds: {min(r):.2f}-{max(r):.2f}x ({', '.join(f'{x:.3f}' for x in r)}); "
+                f"bobench's chunks {chunks}"
             )
     path = save(
         "extract",
@@ -104,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             "image_size": 224,
             "batch_size": args.batch_size,
             "workers": args.workers,
+            "forward_chunk": args.forward_chunk,
             "rows": rows,
         },
         quick=args.quick,
