@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"bobench's chunks {chunks}"
             )
     path = save(
-        "extract",
+        "extract" if args.forward_chunk is None else f"extract-chunk{args.forward_chunk}",
         {
             "benchmark": "P1 extraction",
             "split": split,
