@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: a halving is kept only if it cuts the time per image by at least this fraction (noise is not a gain)
+#: noise margin on the time per image: a doubling is kept unless it is slower than the fastest so far by
+#: more than this fraction, a halving only if it is faster by at least this fraction
 _GAIN = 0.03
 #: input pixels in the chunk the search starts from (see the module docstring)
 _START_PIXELS = 2**18
@@ -114,7 +115,7 @@ class ChunkedForward:
             self._phase = "warm-up"
         while True:
             size = self.size
-            start = self._clock()
+            t0 = self._clock()
             try:
                 outs = [fn(chunk) for chunk in x.split(size)]
             except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -125,7 +126,7 @@ class ChunkedForward:
                     torch.cuda.empty_cache()
                 continue
             if self.tuning and len(x) == self.batch_size:
-                self._observe(size, (self._clock() - start) / len(x))
+                self._observe(size, (self._clock() - t0) / len(x))
             return outs
 
     def _observe(self, size: int, per_image: float) -> None:
