@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", nargs="+", default=MODELS, help="backbone names (default: the three above)")
     ap.add_argument("--paired-rounds", type=int, default=0, help="N paired rounds, median ratio (see above)")
     ap.add_argument(
-        "--forward-chunk", type=int, default=None, help="bobench's chunk size (default: measured on the CPU)"
+        "--forward-chunk",
+        type=lambda v: v if v == "search" else int(v),
+        default=None,
+        help="bobench's chunk: an integer, or 'search' (default: the CPU's pixel rule)",
     )
     args = ap.parse_args(argv)
     split, repeats = ("val", 1) if args.quick else ("train", 2)

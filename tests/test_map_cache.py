@@ -145,12 +145,7 @@ def test_maps_match_direct_forward_and_hit_cache(tmp_path: Path, mnist, spec, ma
     np.testing.assert_array_equal(ms.mask_batch(torch.as_tensor(idx)).numpy(), expected.astype(np.int64))
     stats = ms.stats
     assert stats["device"] == "cpu" and stats["precision"] == "fp32" and stats["img_per_s"] > 0
-    trials = [
-        int(k) for k in stats["chunk_trials_ms_per_image"]
-    ]  # the CPU's chunk search ran and is recorded
-    assert stats["chunk_tuned"] is (len(trials) > 0) and stats["forward_chunk"] in (
-        trials or [stats["batch_size"]]
-    )
+    assert (stats["forward_chunk"], stats["chunk_from"]) == (16, "pixels")  # 16 of 64 px fit in 2**18 px
 
     files = {p.name: p.stat().st_mtime_ns for p in ms.path.iterdir()}
     calls = count_backbone_calls(model, monkeypatch)
@@ -165,8 +160,10 @@ def test_float16_error_bound_against_float32(tmp_path: Path, mnist) -> None:
     store = MapStore(tmp_path)
     model = segmenter(RESNET, "all")
     half = store.get_or_extract(model, mnist, S, OPTS)
-    full = store.get_or_extract(model, mnist, S, OPTS, dtype="float32")
+    # in chunks of 3 (3+3+3+3+3+1 a batch): the chunks' maps are put back together in order
+    full = store.get_or_extract(model, mnist, S, OPTS.replace(forward_chunk=3), dtype="float32")
     assert half.key != full.key and full.dtype == "float32" and full.maps(0).dtype == np.float32
+    assert (full.stats["forward_chunk"], full.stats["chunk_from"]) == (3, "fixed")
     idx = np.arange(0, 100, 9)
     with torch.inference_mode():
         direct = model.eval().backbone_maps(resized_images(mnist, idx))
@@ -315,8 +312,9 @@ def test_float16_overflow_asks_for_float32(tmp_path: Path, monkeypatch) -> None:
     inner = model.backbone.features
     monkeypatch.setattr(model.backbone, "features", lambda x: [m * 1e6 + 1e5 for m in inner(x)])
     store = MapStore(tmp_path / "cache")
-    with pytest.raises(ValueError, match="float32"):
-        store.get_or_extract(model, ds, S, OPTS)
+    for opts in (OPTS, OPTS.replace(forward_chunk=3)):  # the flag of any chunk, whole batch or not
+        with pytest.raises(ValueError, match="float32"):
+            store.get_or_extract(model, ds, S, opts)
     assert store.get_or_extract(model, ds, S, OPTS, dtype="float32").maps(0).max() > 65504
 
 

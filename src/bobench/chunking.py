@@ -1,31 +1,35 @@
-"""Frozen forward passes in chunks: out-of-memory back-off on every device, a measured chunk size on the CPU.
+"""Frozen forward passes in chunks: out-of-memory back-off on every device, cache-sized chunks on the CPU.
 
-A loader batch goes through the model in chunks of ``size`` images. Two things set ``size``:
+A loader batch goes through the model in chunks of ``size`` images. Three things set ``size``:
 
 - **Out of memory** (any device): the batch is retried at half the chunk, down to one image.
-- **The CPU's caches.** On a CPU a chunk smaller than the loader's batch often runs faster per image,
-  because a few images' activations stay in the last-level cache between layers: on a 2-core AMD EPYC
-  (32 MiB L3) at 224 px and batch 64, MobileNetV2 ran 4.7x faster per image in chunks of 4, ResNet-50
-  1.9x, ViT-Ti/16 1.2x in chunks of 16; at 64 px the whole batch was best (BENCHMARKS.md, P1). The best
-  size depends on the model, the image size and the machine, so it is *measured* rather than guessed, as
-  ``torch.backends.cudnn.benchmark`` measures convolution algorithms. The search starts from the size
-  whose chunk holds about ``_START_PIXELS`` input pixels (4 images at 224 px, 16 at 128, 64 at 64: where
-  the optimum lay on that machine). The first full batch runs at it untimed (warm-up); each following full
-  batch is timed at one size: the start, then doubling while the time per image stays within ``_GAIN`` of
-  the fastest so far (on a tie the larger chunk wins: fewer calls, and less exposed to a busy machine), or,
-  if the first doubling was clearly slower (or the start is the whole batch), halving while that clearly
-  pays. The size kept is used for the
-  rest of the pass. Every trial batch is real work whose output is kept, so tuning costs only the slower
-  trials, and a search from near the optimum costs two or three batches.
+- **The CPU's caches** (the default on the CPU). A chunk smaller than the loader's batch often runs faster
+  per image, because a few images' activations stay in the last-level cache between layers: on a 2-core
+  AMD EPYC (32 MiB L3) at 224 px, MobileNetV2 ran 2.9x faster per image in chunks of 4 than in batches of
+  32, EfficientNet-B0 2.3x (chunks of 8), ResNet-50 1.3x (4), a ViT-Ti/16 within noise; at 128 px the
+  fastest chunk held 16 images, at 64 px the whole batch of 64 (BENCHMARKS.md, P1). The optimum sat near a
+  fixed number of input pixels, so the default chunk is the largest power of two of images holding at most
+  ``CHUNK_PIXELS`` (2^18) pixels, or the whole batch when it fits, and never fewer than ``_MIN_CHUNK``
+  images: 4 at 224 px, 16 at 128 px. It is a rule, not a measurement, so it is the same on every run: the
+  features are reproducible bit for bit, and a resumed extraction matches an uninterrupted one.
+- **A measured size** (``chunk="search"``, opt-in, CPU only), as ``torch.backends.cudnn.benchmark``
+  measures convolution algorithms, for a machine where the rule's size is not the fastest. From the rule's
+  size, the first full batch warms up untimed; each following full batch is timed at one size: the start,
+  then doubling while the time per image stays within ``_GAIN`` of the fastest so far (on a tie the larger
+  chunk wins: fewer calls, less exposed to a busy machine), or, if the first doubling was clearly slower (or
+  the start is the whole batch), halving while that clearly pays, never below ``_MIN_CHUNK``. The size kept
+  serves the rest of the pass. Trial batches are real work whose output is kept. The price: which size wins
+  depends on timings, so two runs may keep different sizes, and their features may then differ in the last
+  bits (below).
 
 A chunk's size is not part of any cache key: it changes at most the floating-point rounding of an image's
 features, as a batch size does (a kernel may block differently for another number of images). On the 2-core
 EPYC, chunks of 2, 4 and 8 at 224 px gave features bit-equal to a batch of 16 for MobileNetV2,
-EfficientNet-B0 and -Lite0, ResNet-50, ConvNeXt-T, ViT-Ti and -S and Swin-T; but MobileNetV2 at 64 px in
-chunks of 2 differed by up to 8e-6 (absolute, on features of about 0.1), and chunks of 1 differed for the
-depthwise networks at both sizes. So two extractions whose searches keep different sizes may differ in the
-last bits; a fixed ``forward_chunk`` makes repeated runs bit-equal. The search never goes below
-``_MIN_SEARCH`` images. The size used and the trials are recorded in the extraction's stats.
+EfficientNet-B0 and -Lite0, ResNet-50, ConvNeXt-T, ViT-Ti and -S and Swin-T; MobileNetV2 at 64 px in chunks
+of 2 differed by up to 8e-6 (absolute, on features of about 0.1), and chunks of 1 differed for the
+depthwise networks at both sizes. The size used, where it came from and any trials are recorded in the
+extraction's stats. Accelerators run the whole batch (their work is asynchronous, and their caches are not
+the bottleneck).
 """
 
 from __future__ import annotations
@@ -42,11 +46,11 @@ T = TypeVar("T")
 #: noise margin on the time per image: a doubling is kept unless it is slower than the fastest so far by
 #: more than this fraction, a halving only if it is faster by at least this fraction
 _GAIN = 0.03
-#: input pixels in the chunk the search starts from (see the module docstring)
-_START_PIXELS = 2**18
-#: the search never tries fewer images than this: one image at a time was never the fastest where measured,
-#: and it changed the features' last bits most often (module docstring)
-_MIN_SEARCH = 2
+#: input pixels a default CPU chunk holds at most (see the module docstring)
+CHUNK_PIXELS = 2**18
+#: no chunk rule or search goes below this many images: one image at a time was never the fastest where
+#: measured, and it changed the features' last bits most often (module docstring)
+_MIN_CHUNK = 2
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -57,16 +61,15 @@ def is_oom(exc: BaseException) -> bool:
 
 
 class ChunkedForward:
-    """Runs each batch through a function in chunks, backing off on out-of-memory and, on the CPU, tuning
-    the chunk size by timing real batches (see the module docstring).
+    """Runs each batch through a function in chunks (see the module docstring): the CPU's cache-sized
+    chunks by default, a fixed size, or a measured one; halved on out-of-memory on every device.
 
     Args:
         batch_size: the loader's batch size (the largest chunk).
-        device_type: ``torch.device.type`` of the model; only ``"cpu"`` is tuned (an accelerator's work is
-            asynchronous, so host timings would not measure it).
-        chunk: a fixed chunk size (no tuning; still halved on out-of-memory); None tunes on the CPU and
-            uses the whole batch elsewhere.
-        clock: seconds, monotonic (a parameter so the tuning rule can be tested on known timings).
+        device_type: ``torch.device.type`` of the model; only ``"cpu"`` gets cache-sized or measured chunks.
+        chunk: None for the default (the pixel rule on the CPU, the whole batch elsewhere); an integer for
+            that size; ``"search"`` to measure it on the CPU (the whole batch elsewhere).
+        clock: seconds, monotonic (a parameter so the search can be tested on known timings).
 
     Example:
         >>> run = ChunkedForward(64, "cpu")
@@ -77,21 +80,24 @@ class ChunkedForward:
         self,
         batch_size: int,
         device_type: str,
-        chunk: int | None = None,
+        chunk: int | str | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"forward_chunk must be None or an integer >= 1, got {chunk!r}")
+        check_chunk(chunk)
         self.batch_size = batch_size
         self.device_type = device_type
         self._clock = clock
-        self._size = min(chunk, batch_size) if chunk is not None else batch_size
+        cpu = device_type == "cpu"
+        self.source = (
+            "fixed" if isinstance(chunk, int) else "batch" if not cpu else "search" if chunk else "pixels"
+        )
+        self._size = min(chunk, batch_size) if isinstance(chunk, int) else batch_size
         self._cap = batch_size  # out-of-memory ceiling
-        self.tuning = chunk is None and device_type == "cpu" and batch_size > _MIN_SEARCH
-        self._phase = "start"  # start -> warm-up -> up -> (down) -> done
-        self._start = batch_size
-        self._chosen = batch_size  # the size kept so far
-        #: seconds per image measured at each trial size, in trial order
+        self._pending = self.source in ("pixels", "search")  # the size waits for the first batch's shape
+        self.tuning = False
+        self._phase = "warm-up"  # warm-up -> up -> (down) -> done
+        self._start = self._chosen = batch_size  # the search's first size; the size kept so far
+        #: seconds per image measured at each trial size, in trial order (``"search"`` only)
         self.trials: dict[int, float] = {}
 
     @property
@@ -107,15 +113,13 @@ class ChunkedForward:
         """
         import torch
 
-        if self.tuning and self._phase == "start":  # the first batch: the warm-up, at the starting size
-            pixels = int(x.shape[-1]) * int(x.shape[-2]) if x.dim() >= 3 else 1
-            fits = _START_PIXELS // pixels
-            start = self.batch_size if self.batch_size <= fits else _power_of_two_at_most(fits)
-            self._size = self._start = max(start, _MIN_SEARCH)
-            self._phase = "warm-up"
+        if self._pending:  # the first batch: its image size sets the rule's chunk (the search's start)
+            self._pending = False
+            self._size = self._start = self._chosen = pixel_chunk(self.batch_size, x)
+            self.tuning = self.source == "search" and self.batch_size > _MIN_CHUNK
         while True:
             size = self.size
-            t0 = self._clock()
+            t0 = self._clock() if self.tuning else 0.0
             try:
                 outs = [fn(chunk) for chunk in x.split(size)]
             except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -144,25 +148,45 @@ class ChunkedForward:
                     self._size = min(2 * size, largest)
                     return
             # growing did not pay, or could not (the start was the whole batch): try shrinking
-            if self._chosen == self._start and self._start // 2 >= _MIN_SEARCH:
+            if self._chosen == self._start and self._start // 2 >= _MIN_CHUNK:
                 self._phase, self._size = "down", self._start // 2
                 return
         elif per_image < self.trials[self._chosen] * (1 - _GAIN):  # down: shrinking must clearly pay
             self._chosen = size
-            if size // 2 >= _MIN_SEARCH:
+            if size // 2 >= _MIN_CHUNK:
                 self._size = size // 2
                 return
         self._phase, self._size, self.tuning = "done", self._chosen, False
 
     def stats(self) -> dict[str, Any]:
-        """What to record: the chunk size chosen (the best so far if the pass ended while tuning), whether
-        any trial ran, and the trials (ms per image)."""
+        """What to record: the chunk size (the best so far if the pass ended while searching), where it came
+        from (``pixels``: the CPU rule; ``search``; ``fixed``; ``batch``: an accelerator's whole batch), and
+        the search's trials in ms per image (empty otherwise)."""
         chosen = self._chosen if self.tuning and self.trials else self.size
         return {
             "forward_chunk": chosen,
-            "chunk_tuned": bool(self.trials),
+            "chunk_from": self.source,
             "chunk_trials_ms_per_image": {str(k): round(v * 1e3, 4) for k, v in self.trials.items()},
         }
+
+
+def check_chunk(chunk: object) -> None:
+    """Raise ValueError unless ``chunk`` is a valid ``forward_chunk``: None, ``"search"`` or an int >= 1."""
+    if chunk is None or chunk == "search":
+        return
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"forward_chunk must be None, 'search' or an integer >= 1, got {chunk!r}")
+
+
+def pixel_chunk(batch_size: int, x: torch.Tensor) -> int:
+    """The CPU's default chunk for batches shaped like ``x``: the whole batch if it holds at most
+    ``CHUNK_PIXELS`` input pixels, else the largest power of two of images that does, at least ``_MIN_CHUNK``
+    (never more than the batch)."""
+    pixels = int(x.shape[-1]) * int(x.shape[-2]) if x.dim() >= 3 else 1
+    fits = CHUNK_PIXELS // pixels
+    if batch_size <= fits:
+        return batch_size
+    return min(batch_size, max(_power_of_two_at_most(fits), _MIN_CHUNK))
 
 
 def _power_of_two_at_most(n: int) -> int:

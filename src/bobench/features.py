@@ -68,9 +68,10 @@ class ExtractOptions:
             one on the CPU and four on an accelerator).
         image_size: override the card's input size (e.g. 64 or 112 px in tests).
         shard_size: samples per shard file (the unit of resumption).
-        forward_chunk: images per model call (:mod:`bobench.chunking`): None measures the fastest on the
-            CPU (a power-of-two fraction of the batch) and uses the whole batch on accelerators; halved on
-            out-of-memory either way. Recorded in the stats with the trials.
+        forward_chunk: images per model call (:mod:`bobench.chunking`): None takes cache-sized chunks on the
+            CPU (at most 2^18 input pixels, e.g. 4 images at 224 px; the same on every run) and the whole
+            batch on accelerators; an integer fixes it; ``"search"`` measures the fastest on the CPU.
+            Halved on out-of-memory in every case. Recorded in the stats.
         channels_last: None lets the backbone decide (CNNs: yes).
         progress: show a progress bar (only on a terminal).
         input_cache: read the images pre-resized from :mod:`bobench.input_cache` (decoded and resized once
@@ -88,7 +89,7 @@ class ExtractOptions:
     num_workers: int | None = None
     image_size: int | None = None
     shard_size: int = 8192
-    forward_chunk: int | None = None
+    forward_chunk: int | str | None = None
     channels_last: bool | None = None
     progress: bool = True
     input_cache: bool = False

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from bobench.chunking import check_chunk
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -31,8 +33,10 @@ class RunOptions:
             resize/crop (:mod:`bobench.input_cache`, under the feature cache), shared by every backbone
             that resizes alike; the features are the same. Opt-in: it stores the resized images on disk.
         forward_chunk: images per model call in frozen extraction (features and maps,
-            :mod:`bobench.chunking`): None measures the fastest fraction of the batch on the CPU and uses
-            the whole batch on accelerators; halved on out-of-memory either way.
+            :mod:`bobench.chunking`): None takes cache-sized chunks on the CPU (at most 2^18 input pixels,
+            e.g. 4 images at 224 px) and the whole batch on accelerators; an integer fixes it; ``"search"``
+            times the first batches on the CPU to find the fastest (the features may then differ from
+            run to run in the last bits). Halved on out-of-memory in every case.
 
     Example:
         >>> RunOptions(device="cpu").replace(batch_size=32).batch_size
@@ -48,7 +52,7 @@ class RunOptions:
     compile: bool = False
     checkpoint_minutes: float | None = 10.0
     input_cache: bool = False
-    forward_chunk: int | None = None
+    forward_chunk: int | str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -59,12 +63,7 @@ class RunOptions:
             or self.num_workers < 0
         ):
             raise ValueError(f"num_workers must be None or an integer >= 0, got {self.num_workers!r}")
-        if self.forward_chunk is not None and (
-            isinstance(self.forward_chunk, bool)
-            or not isinstance(self.forward_chunk, int)
-            or self.forward_chunk < 1
-        ):
-            raise ValueError(f"forward_chunk must be None or an integer >= 1, got {self.forward_chunk!r}")
+        check_chunk(self.forward_chunk)
 
     def replace(self, **changes: Any) -> RunOptions:
         """A copy with ``changes`` applied (the object itself is frozen)."""
