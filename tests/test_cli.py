@@ -136,6 +136,22 @@ def test_cpu_bf16_where_emulated_warns_in_one_line_and_still_runs(tmp_path: Path
     assert json.loads(proc.stdout)[0]["precision"] == "bf16"
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--batch-size", "0"), ("--workers", "-1"), ("--image-size", "0")]
+)
+def test_features_extract_refuses_bad_run_options_even_when_cached(
+    tmp_path: Path, flag: str, value: str
+) -> None:
+    """These were unchecked: on a cache hit `--batch-size 0` printed the table and exited 0."""
+    base = ("features", "extract", "-b", "random/mobilenetv2_100", "-d", "digits", "--split", "val")
+    run(*base, "--image-size", "32", "--cache-dir", str(tmp_path))  # now a re-run would hit the cache
+    args = [*base, "--cache-dir", str(tmp_path), flag, value]
+    if flag != "--image-size":
+        args += ["--image-size", "32"]
+    proc = run(*args, check=False)
+    assert proc.returncode == 2 and f"Invalid value for '{flag}'" in proc.stderr and proc.stdout == ""
+
+
 def test_results_export(tmp_path: Path) -> None:
     from bobench.metrics import Metric
     from bobench.store import Cell, ResultStore

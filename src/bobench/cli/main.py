@@ -85,9 +85,9 @@ def features_extract(
     pretrained: Annotated[bool, typer.Option(help="--no-pretrained: random-init control.")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N] | mps")] = "auto",
     precision: Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16 (bf16 opt-in on CPU)")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per forward (halved on OOM).")] = 64,
-    image_size: Annotated[int | None, typer.Option(help="Override the card's input size.")] = None,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: spare cores).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch (CPU: cache-sized chunks).")] = 64,
+    image_size: Annotated[int | None, typer.Option(min=1, help="Override the card's input size.")] = None,
+    workers: _WORKERS = None,  # (defined below, with the other run options)
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache (default ~/.cache/bobench).")] = None,
     input_cache: _INPUT_CACHE = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -200,7 +200,7 @@ _CACHE = Annotated[
 ]
 _DEVICE = Annotated[str, typer.Option(help="auto | cpu | cuda[:N] | mps")]
 _PRECISION = Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16")]
-_BATCH = Annotated[int, typer.Option(min=1, help="Images per batch (CPU: run in chunks of a timed size).")]
+_BATCH = Annotated[int, typer.Option(min=1, help="Images per batch (CPU: in cache-sized chunks).")]
 _WORKERS = Annotated[int | None, typer.Option(min=0, help="DataLoader workers (default: spare cores).")]
 _FORCE = Annotated[bool, typer.Option("--force", help="Redo cells that are already in the database.")]
 _DRY = Annotated[
