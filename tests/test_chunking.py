@@ -92,6 +92,9 @@ def test_the_cpus_default_chunk_is_the_pixel_rule_and_nothing_is_timed(
         assert [len(o) for o in outs] == [len(c) for c in x.split(chunk)]
     torch.testing.assert_close(torch.cat(outs), x.mean(dim=(1, 2, 3)))
     assert run.stats() == {"forward_chunk": chunk, "chunk_from": "pixels", "chunk_trials_ms_per_image": {}}
+    hwc = ChunkedForward(batch_size, "cpu", clock=clock)  # the input cache's uint8 [B, H, W, 3] batches
+    hwc(torch.zeros(batch_size, image, image, 3, dtype=torch.uint8), lambda c: c)
+    assert hwc.size == chunk
 
 
 def test_search_grows_through_ties_to_the_larger_chunk() -> None:

@@ -180,10 +180,12 @@ def check_chunk(chunk: object) -> None:
 
 def pixel_chunk(batch_size: int, x: torch.Tensor) -> int:
     """The CPU's default chunk for batches shaped like ``x``: the whole batch if it holds at most
-    ``CHUNK_PIXELS`` input pixels, else the largest power of two of images that does, at least ``_MIN_CHUNK``
-    (never more than the batch)."""
-    pixels = int(x.shape[-1]) * int(x.shape[-2]) if x.dim() >= 3 else 1
-    fits = CHUNK_PIXELS // pixels
+    ``CHUNK_PIXELS`` RGB pixels (3 input values each, whatever the layout), else the largest power of two of
+    images that does, at least ``_MIN_CHUNK`` (never more than the batch)."""
+    # counted in input values, 3 a pixel, so that any layout counts alike: the input cache's uint8 batches
+    # are [B, H, W, 3] until the device permutes them
+    values = max(1, x[0].numel()) if len(x) else 1
+    fits = 3 * CHUNK_PIXELS // values
     if batch_size <= fits:
         return batch_size
     return min(batch_size, max(_power_of_two_at_most(fits), _MIN_CHUNK))
