@@ -256,11 +256,12 @@ class MapStore:
         arrays: dict[str, np.ndarray] = {}
         was_training = model.training
         t0 = time.perf_counter()
-        batches = self._run(model, ds, size, options, placement, np_dtype)
+        chunked = ChunkedForward(options.batch_size, placement.device.type, options.forward_chunk)
+        batches = self._run(model, ds, size, options, placement, np_dtype, chunked)
         try:
-            written, chunking = 0, {}
-            for maps, masks, hw, chunk_stats in batches:
-                b, chunking = len(hw), chunk_stats
+            written = 0
+            for maps, masks, hw in batches:
+                b = len(hw)
                 if not arrays:  # the map shapes are known from the first batch on
                     shapes = [tuple(m.shape[1:]) for m in maps]
                     need = n * (
@@ -337,7 +338,7 @@ class MapStore:
                 "device": str(placement.device),
                 "precision": placement.precision,
                 "batch_size": options.batch_size,
-                **chunking,
+                **chunked.stats(),
                 "channels_last": extraction_memory_format(model.backbone, options) == torch.channels_last,
                 "peak_mem_mb": peak_memory_mb(placement.device),
                 "bytes": sum((folder / name).stat().st_size for name in files),
@@ -355,9 +356,10 @@ class MapStore:
         options: RunOptions,
         placement: Placement,
         np_dtype: type[np.floating],
-    ) -> Iterator[tuple[list[np.ndarray], np.ndarray, np.ndarray, dict[str, Any]]]:
-        """Yield ``(maps on the CPU in the storage dtype, masks uint8, sizes, chunking stats so far)`` per
-        batch, in item order."""
+        chunked: ChunkedForward,
+    ) -> Iterator[tuple[list[np.ndarray], np.ndarray, np.ndarray]]:
+        """Yield ``(maps on the CPU in the storage dtype, masks uint8, sizes)`` per batch, in item order;
+        ``chunked`` runs each batch through the backbone."""
         from bobench.data.errors import worker_errors_unwrapped
         from bobench.progress import progress_bar
 
@@ -368,7 +370,6 @@ class MapStore:
             backbone.to(memory_format=memory_format)
         loader = extraction_loader(ResizedForMaps(ds, size), options, placement)
         store_dtype = torch.float16 if np_dtype is np.float16 else torch.float32
-        chunked = ChunkedForward(options.batch_size, placement.device.type, options.forward_chunk)
 
         def chunk_maps(chunk: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
             """One chunk's maps in the storage dtype (each chunk's full-precision maps are freed before the
@@ -394,14 +395,14 @@ class MapStore:
                 return chunks[0][0], overflow
             return [torch.cat(parts) for parts in zip(*(c[0] for c in chunks), strict=True)], overflow
 
-        def host(pending: tuple) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, dict[str, Any]]:
+        def host(pending: tuple) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
             maps, overflow, masks, hw = pending
             if overflow is not None and bool(overflow):
                 raise ValueError(
                     f"{backbone.card.name}'s maps exceed float16's range (65504); cache them with "
                     'dtype="float32"'
                 )
-            return [m.cpu().numpy() for m in maps], masks.numpy(), hw.numpy(), chunked.stats()
+            return [m.cpu().numpy() for m in maps], masks.numpy(), hw.numpy()
 
         with (
             torch.inference_mode(),
