@@ -67,6 +67,35 @@ def test_features_match_direct_forward_and_hit_cache(tmp_path: Path, tiny, monke
     assert stats["device"] == "cpu" and stats["precision"] == "fp32" and stats["img_per_s"] > 0
 
 
+def test_cpu_extraction_loads_in_process_by_default_and_workers_change_no_bit(tmp_path: Path, tiny) -> None:
+    from torch.utils.data import DataLoader
+
+    from bobench.distributed import default_workers, loader_workers
+
+    assert loader_workers(None, "cpu") == 0  # the CPU's cores run the forward: no worker beside them
+    assert loader_workers(None, "cuda") == loader_workers(None, "mps") == default_workers()
+    assert loader_workers(3, "cpu") == 3 and loader_workers(0, "cuda") == 0  # asked for: as asked
+
+    made: list[int] = []
+
+    class Counting(DataLoader):  # the loader the extraction really builds, not what its stats claim
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self.num_workers)
+
+    ds = load_dataset("digits", split="val")
+    default = ExtractOptions(image_size=32, batch_size=16, progress=False, device="cpu")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("torch.utils.data.DataLoader", Counting)
+        fs = FeatureStore(tmp_path / "default").get_or_extract(tiny, ds, default)
+    assert made == [0] and fs.stats["loader_workers"] == 0
+    two = FeatureStore(tmp_path / "two").get_or_extract(
+        tiny, ds, ExtractOptions(**{**vars(default), "num_workers": 2})
+    )
+    assert two.stats["loader_workers"] == 2
+    np.testing.assert_array_equal(two.load()[0], fs.load()[0])
+
+
 def test_shards_stream_in_order(tmp_path: Path, tiny) -> None:
     store = FeatureStore(tmp_path)
     ds = load_dataset("digits", split="val")

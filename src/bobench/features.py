@@ -64,8 +64,8 @@ class ExtractOptions:
         device: ``auto`` | ``cpu`` | ``cuda[:N]`` | ``mps``.
         precision: ``auto`` (mixed precision on GPUs, fp32 on CPU) | ``fp32`` | ``fp16`` | ``bf16``.
         batch_size: images per loader batch (see ``forward_chunk``).
-        num_workers: DataLoader workers (None: one per spare core, at most 8; reading a full input cache,
-            one on the CPU and four on an accelerator).
+        num_workers: DataLoader workers (None: on the CPU none, the main process loads between forwards;
+            on an accelerator one per spare core, at most 8, and four reading a full input cache).
         image_size: override the card's input size (e.g. 64 or 112 px in tests).
         shard_size: samples per shard file (the unit of resumption).
         forward_chunk: images per model call (:mod:`bobench.chunking`): None takes cache-sized chunks on the
@@ -176,17 +176,17 @@ def extraction_memory_format(backbone: Any, options: RunOptions) -> torch.memory
 
 def extraction_loader(dataset: Any, options: RunOptions, placement: Placement) -> Any:
     """The in-order ``DataLoader`` an extraction pass reads ``dataset`` with: ``options.batch_size``,
-    ``options.num_workers`` (default: the spare cores, at most 8), pinned memory for CUDA."""
+    ``options.num_workers`` (default: :func:`~bobench.distributed.loader_workers`, none on the CPU), pinned
+    memory for CUDA."""
     from torch.utils.data import DataLoader
 
-    from bobench.distributed import default_workers
+    from bobench.distributed import loader_workers
 
-    workers = options.num_workers if options.num_workers is not None else default_workers()
     return DataLoader(
         dataset,
         batch_size=options.batch_size,
         shuffle=False,
-        num_workers=workers,
+        num_workers=loader_workers(options.num_workers, placement.device.type),
         pin_memory=placement.device.type == "cuda",
         persistent_workers=False,
     )
@@ -266,6 +266,7 @@ class FeatureStore:
 
     def _extract(self, key, fields, backbone, dataset, options, placement) -> FeatureSet:
         from bobench.device import peak_memory_mb
+        from bobench.distributed import loader_workers
 
         folder = self.root / key
         folder.mkdir(exist_ok=True)
@@ -334,6 +335,7 @@ class FeatureStore:
             "device": str(placement.device),
             "precision": placement.precision,
             "batch_size": options.batch_size,
+            "loader_workers": loader_workers(options.num_workers, placement.device.type),
             **chunked.stats(),
             "peak_mem_mb": peak_memory_mb(placement.device),
             "resumed_shards": len(done),

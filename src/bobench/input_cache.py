@@ -52,9 +52,10 @@ SHARD_SIZE = 512  # images per shard file (77 MB at 224 px): the unit of resumpt
 #: device types on which an extraction decodes to uint8 in its workers and normalises on the device
 #: (:func:`device_normalised`), and so the input cache's first fill streams (StreamedBuild)
 NORMALISE_ON_DEVICE = frozenset({"cuda", "mps", "xpu"})
-#: readers of the full input cache when the options name none: one on the CPU (its cores run the forward),
-#: four on an accelerator (one reader held ResNet-50 at 4.6k img/s on an H200, four gave 6.7k: BENCHMARKS P5)
-READERS = {"cpu": 1, "accelerator": 4}
+#: readers of the full input cache when the options name none: none on the CPU (its cores run the forward;
+#: the main process reads between forwards, see :func:`bobench.distributed.loader_workers`), four on an
+#: accelerator (one reader held ResNet-50 at 4.6k img/s on an H200, four gave 6.7k: BENCHMARKS P5)
+READERS = {"cpu": 0, "accelerator": 4}
 #: resize / crop ops whose output depends only on the image and their public settings (no random draws)
 GEOMETRIC_OPS = frozenset(
     {
@@ -360,10 +361,12 @@ def _decode(dataset: Any, geometric: Sequence[Any], todo: list[int], size: int, 
 
 def default_readers(device_type: str) -> int:
     """Workers that read the full input cache when the options name none (:data:`READERS`), at most one
-    per spare core."""
+    per spare core (and at least one on an accelerator)."""
     from bobench.distributed import default_workers
 
-    return min(READERS["cpu" if device_type == "cpu" else "accelerator"], max(1, default_workers()))
+    if device_type == "cpu":
+        return READERS["cpu"]
+    return min(READERS["accelerator"], max(1, default_workers()))
 
 
 def _splittable(dataset: Any) -> SplitTransform | str:

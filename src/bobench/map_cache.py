@@ -54,6 +54,7 @@ from filelock import FileLock
 
 from bobench.chunking import ChunkedForward
 from bobench.device import Placement, peak_memory_mb, resolve_placement
+from bobench.distributed import loader_workers
 from bobench.features import extraction_loader, extraction_memory_format
 from bobench.files import config_sha, write_manifest
 from bobench.map_set import (
@@ -338,6 +339,7 @@ class MapStore:
                 "device": str(placement.device),
                 "precision": placement.precision,
                 "batch_size": options.batch_size,
+                "loader_workers": loader_workers(options.num_workers, placement.device.type),
                 **chunked.stats(),
                 "channels_last": extraction_memory_format(model.backbone, options) == torch.channels_last,
                 "peak_mem_mb": peak_memory_mb(placement.device),

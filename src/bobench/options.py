@@ -23,7 +23,9 @@ class RunOptions:
         device: ``auto`` | ``cpu`` | ``cuda[:N]`` | ``mps``; ``auto`` picks CUDA, then MPS, then the CPU.
         precision: ``auto`` (mixed precision on GPUs, fp32 on the CPU) | ``fp32`` | ``fp16`` | ``bf16``.
         batch_size: images per batch (frozen extraction runs it through the model in ``forward_chunk``s).
-        num_workers: DataLoader workers (None: one per spare core, at most 8).
+        num_workers: DataLoader workers (None: none on the CPU, where the main process loads between
+            forwards; one per spare core, at most 8, on an accelerator:
+            :func:`bobench.distributed.loader_workers`).
         channels_last: None lets the backbone decide (CNNs: yes).
         progress: show progress bars (only ever on a terminal).
         compile: run trained models through ``torch.compile`` (opt-in).

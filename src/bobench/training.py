@@ -379,9 +379,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _workers(self) -> int:
-        if self.options.num_workers is not None:
-            return self.options.num_workers
-        return distributed.default_workers()
+        return distributed.loader_workers(self.options.num_workers, self.placement.device.type)
 
 
 def predict_batches(
@@ -413,7 +411,7 @@ def predict_batches(
         dataset,
         batch_size=batch_size or options.batch_size,
         shuffle=False,
-        num_workers=options.num_workers if options.num_workers is not None else distributed.default_workers(),
+        num_workers=distributed.loader_workers(options.num_workers, placement.device.type),
         pin_memory=placement.device.type == "cuda",
         collate_fn=collate_fn,
     )

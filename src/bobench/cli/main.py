@@ -201,7 +201,7 @@ _CACHE = Annotated[
 _DEVICE = Annotated[str, typer.Option(help="auto | cpu | cuda[:N] | mps")]
 _PRECISION = Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16")]
 _BATCH = Annotated[int, typer.Option(min=1, help="Images per batch (CPU: in cache-sized chunks).")]
-_WORKERS = Annotated[int | None, typer.Option(min=0, help="DataLoader workers (default: spare cores).")]
+_WORKERS = Annotated[int | None, typer.Option(min=0, help="DataLoader workers (CPU: 0; else spare cores).")]
 _FORCE = Annotated[bool, typer.Option("--force", help="Redo cells that are already in the database.")]
 _DRY = Annotated[
     bool,

@@ -93,13 +93,13 @@ def score_cached(
     from bobench.data.errors import worker_errors_unwrapped
     from bobench.dense.seg_metrics import ConfusionMatrix
     from bobench.device import resolve_placement
-    from bobench.distributed import default_workers
+    from bobench.distributed import loader_workers
     from bobench.progress import progress_bar
 
     placement = resolve_placement(options.device, options.precision)
     size = int(maps.image_size)
     cm = ConfusionMatrix(n_classes, ignore_index=255)
-    workers = options.num_workers if options.num_workers is not None else default_workers()
+    workers = loader_workers(options.num_workers, placement.device.type)
     indices = np.asarray(masks.indices, dtype=np.int64)
     was_training = seg.training
     seg.eval()
