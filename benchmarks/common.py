@@ -81,7 +81,7 @@ def extract_patches13(backbone: str, image_size: int | None, prefix: str):
 
     bb = create_backbone(backbone)
     store = FeatureStore(tempfile.mkdtemp(prefix=prefix))
-    opts = ExtractOptions(image_size=image_size, num_workers=1, progress=False, device="cpu")
+    opts = ExtractOptions(image_size=image_size, progress=False, device="cpu")  # bobench's default workers
     t0 = time.perf_counter()
     feats = {
         s: store.get_or_extract(bb, load_dataset("patches13", split=s), opts)
