@@ -89,13 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
             bb.model.to(memory_format=torch.contiguous_format)
             bare_loop(bb, ds, args.batch_size, workers)
 
-        def bare0(bb=bb, ds=ds) -> None:
-            bb.model.to(memory_format=torch.contiguous_format)
-            bare_loop(bb, ds, args.batch_size, 0)
-
-        sides = {"bare": bare, "ours": ours}
+        sides = {"bare": bare}
         if bare_workers != 0 and args.workers is None:
-            sides = {"bare": bare, "bare_in_process": bare0, "ours": ours}
+            sides["bare_in_process"] = lambda bare=bare: bare(workers=0)
+        sides["ours"] = ours
         bare()  # warm-up: allocator, thread pools, page cache
         times: dict[str, list[float]] = {k: [] for k in sides}
         for r in range(args.paired_rounds):

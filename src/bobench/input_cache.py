@@ -52,10 +52,9 @@ SHARD_SIZE = 512  # images per shard file (77 MB at 224 px): the unit of resumpt
 #: device types on which an extraction decodes to uint8 in its workers and normalises on the device
 #: (:func:`device_normalised`), and so the input cache's first fill streams (StreamedBuild)
 NORMALISE_ON_DEVICE = frozenset({"cuda", "mps", "xpu"})
-#: readers of the full input cache when the options name none: none on the CPU (its cores run the forward;
-#: the main process reads between forwards, see :func:`bobench.distributed.loader_workers`), four on an
-#: accelerator (one reader held ResNet-50 at 4.6k img/s on an H200, four gave 6.7k: BENCHMARKS P5)
-READERS = {"cpu": 0, "accelerator": 4}
+#: readers of the full input cache on an accelerator when the options name none (one reader held ResNet-50
+#: at 4.6k img/s on an H200, four gave 6.7k: BENCHMARKS P5); the CPU reads as every CPU pass does
+READERS = 4
 #: resize / crop ops whose output depends only on the image and their public settings (no random draws)
 GEOMETRIC_OPS = frozenset(
     {
@@ -360,13 +359,14 @@ def _decode(dataset: Any, geometric: Sequence[Any], todo: list[int], size: int, 
 
 
 def default_readers(device_type: str) -> int:
-    """Workers that read the full input cache when the options name none (:data:`READERS`), at most one
-    per spare core (and at least one on an accelerator)."""
-    from bobench.distributed import default_workers
+    """Workers that read the full input cache when the options name none: on an accelerator
+    :data:`READERS`, at most one per spare core but at least one; on the CPU those of any CPU pass
+    (:func:`~bobench.distributed.loader_workers`: none)."""
+    from bobench.distributed import default_workers, loader_workers
 
     if device_type == "cpu":
-        return READERS["cpu"]
-    return min(READERS["accelerator"], max(1, default_workers()))
+        return loader_workers(None, device_type)
+    return min(READERS, max(1, default_workers()))
 
 
 def _splittable(dataset: Any) -> SplitTransform | str:
